@@ -1,0 +1,115 @@
+"""Cardinality-aware attention over a slot cache plus the step's new tokens: ``kvslim::attend``.
+
+One op serves every method. The queries of a step attend over the union of
+
+* the cache's ``C`` slots (keys post-RoPE, *mean* values, ``log c`` per slot, a position per slot;
+  position ``-1`` marks an empty slot), and
+* the step's ``L`` new tokens (cardinality 1, positions ``q_pos``; ``-1`` marks a pad),
+
+with visibility decided by positions alone, so causality inside the chunk, left padding, a
+layer's sliding window and a StreamingLLM-style sink + recent window are one rule::
+
+    visible(i, j) = pos_j >= 0 and pos_i >= 0 and pos_j <= pos_i
+                    and (window == 0 or pos_i - pos_j < window)
+                    and (recent == 0 or pos_j < sink or pos_i - pos_j < recent)
+
+Logits get the additive bias ``log c_j`` (cardinality-aware attention: a slot holding ``c`` merged
+tokens counts ``c`` times; all ``c = 1`` is plain attention). A query that sees nothing (a pad)
+returns zeros, never NaN. Optionally the op returns the attention mass each key received, summed
+over the step's queries and the query heads of its KV group (the score-based methods need it).
+
+The op is pure: writing the new tokens into the cache is the caller's job, after attention, so
+that a chunk still sees the slots its own tokens are about to replace.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention_triton import attend_triton
+
+__all__ = ["attend", "attend_reference"]
+
+
+def _visible(q_pos: Tensor, k_pos: Tensor, window: int, sink: int, recent: int) -> Tensor:
+    """``q_pos [B, 1, 1, L, 1]``, ``k_pos [B, H_kv, 1, 1, N]`` → bool ``[B, H_kv, 1, L, N]``."""
+    vis = (k_pos >= 0) & (q_pos >= 0) & (k_pos <= q_pos)
+    if window > 0:
+        vis = vis & (q_pos - k_pos < window)
+    if recent > 0:
+        vis = vis & ((k_pos < sink) | (q_pos - k_pos < recent))
+    return vis
+
+
+def attend_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """PyTorch twin of the Triton kernel (and the CPU implementation).
+
+    Args:
+        q: ``[B, H_q, L, D]`` queries of the step.
+        k, v: ``[B, H_kv, L, D]`` the step's new keys / values (``H_q % H_kv == 0``).
+        cache_k, cache_v: ``[B, H_kv, C, D]`` cached keys and mean values.
+        cache_logc: ``[B, H_kv, C]`` float32 ``log`` cardinality of each slot.
+        cache_pos: ``[B, H_kv, C]`` int64 position of each slot, ``-1`` = empty.
+        q_pos: ``[B, L]`` int64 position of each new token, ``-1`` = padding.
+    Returns:
+        ``out [B, H_q, L, D]`` in ``q.dtype`` and ``mass [B, H_kv, C + L]`` float32
+        (``[0]`` when ``return_mass`` is false): cache slots first, then the new tokens.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    keys = torch.cat([cache_k, k], dim=2).float()  # [B, Hkv, N, D]
+    vals = torch.cat([cache_v, v], dim=2).float()
+    logc = torch.cat([cache_logc.float(), cache_logc.new_zeros(B, Hkv, L)], dim=2)
+    k_pos = torch.cat([cache_pos, q_pos[:, None, :].expand(B, Hkv, L)], dim=2)
+
+    qf = q.float().reshape(B, Hkv, G, L, D)
+    s = torch.einsum("bhgld,bhnd->bhgln", qf, keys) * scale + logc[:, :, None, None, :]
+    vis = _visible(q_pos[:, None, None, :, None], k_pos[:, :, None, None, :], window, sink, recent)
+    s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.einsum("bhgln,bhnd->bhgld", p, vals).reshape(B, Hq, L, D).to(q.dtype)
+    mass = p.sum(dim=(2, 3)) if return_mass else q.new_zeros(0, dtype=torch.float32)
+    return out, mass
+
+
+@torch.library.triton_op("kvslim::attend", mutates_args=())
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Registered op: the Triton kernel on CUDA, the reference elsewhere (same signature)."""
+    args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
+    if q.is_cuda:
+        return attend_triton(*args, return_mass=return_mass)
+    return attend_reference(*args, return_mass=return_mass)

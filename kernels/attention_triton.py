@@ -1,0 +1,263 @@
+"""Triton implementation of ``kvslim::attend`` (see ``attention.py`` for the semantics).
+
+Two kernels over the concatenated key axis ``N = C + L`` (cache slots first, then the step's new
+tokens), neither of which ever materialises the concatenation:
+
+* ``_attend_fwd``: FlashAttention-style forward with an online softmax in fp32. One program owns
+  a block of the ``M = G * L`` query rows of one ``(batch, KV head)``: the ``G`` query heads
+  sharing a KV head are stacked along the row axis (row ``r`` is head ``r // L``, token
+  ``r % L``), so each key block is loaded once for the whole group. It also saves the per-row
+  log-sum-exp.
+* ``_attend_mass``: one program per block of keys; it recomputes the probabilities from the saved
+  log-sum-exp and sums them over all rows itself, so the column sums need no atomics and are
+  deterministic.
+
+Launches go through ``torch.library.wrap_triton`` so that ``kvslim::attend`` (a ``triton_op``)
+stays traceable by ``torch.compile`` / ``torch.export``; on CPU tensors the kernels only run under
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["attend_triton"]
+
+
+@triton.jit
+def _load_rows(cache_ptr, new_ptr, sc_n, sc_d, sn_n, sn_d, offs_n, offs_d, C, L, D):
+    """Rows ``offs_n`` of ``cat([cache, new])`` for one ``(b, h)``: ``[BLOCK_N, BLOCK_D]``, 0 past the end."""
+    n = offs_n[:, None]
+    d_ok = offs_d[None, :] < D
+    from_cache = tl.load(
+        cache_ptr + n * sc_n + offs_d[None, :] * sc_d, mask=(n < C) & d_ok, other=0.0
+    )
+    from_new = tl.load(
+        new_ptr + (n - C) * sn_n + offs_d[None, :] * sn_d,
+        mask=(n >= C) & (n < C + L) & d_ok,
+        other=0.0,
+    )
+    return tl.where(n < C, from_cache.to(tl.float32), from_new.to(tl.float32))
+
+
+@triton.jit
+def _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L):
+    """Position (``-1`` past the end, so such keys are invisible) and logit bias of keys ``offs_n``."""
+    in_cache = offs_n < C
+    pos_cache = tl.load(cpos_ptr + offs_n * scp_n, mask=in_cache, other=-1)
+    pos_new = tl.load(qpos_ptr + (offs_n - C) * sqp_l, mask=~in_cache & (offs_n < C + L), other=-1)
+    bias = tl.load(clogc_ptr + offs_n * scl_n, mask=in_cache, other=0.0).to(tl.float32)
+    return tl.where(in_cache, pos_cache, pos_new), bias
+
+
+@triton.jit
+def _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION: tl.constexpr):
+    """Biased logits ``[BLOCK_M, BLOCK_N]`` in fp32, ``-inf`` where the key is not visible."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + bias[None, :]
+    qp = q_pos[:, None]
+    kp = k_pos[None, :]
+    dist = qp - kp
+    vis = (kp >= 0) & (qp >= 0) & (dist >= 0)
+    vis = vis & ((window <= 0) | (dist < window))
+    vis = vis & ((recent <= 0) | (kp <= sink) | (dist < recent))
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
+def _load_queries(q_ptr, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D):
+    """Query rows ``offs_m`` of one KV group (row = head ``r // L``, token ``r % L``) and positions.
+
+    Rows past ``G * L`` get position ``-1``: they see nothing and need no further masking.
+    """
+    row_ok = offs_m < G * L
+    g = offs_m // L
+    t = offs_m % L
+    ptrs = q_ptr + g[:, None] * sq_h + t[:, None] * sq_l + offs_d[None, :] * sq_d
+    q = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    q_pos = tl.load(qpos_ptr + t * sqp_l, mask=row_ok, other=-1)
+    return q, q_pos
+
+
+@triton.jit
+def _attend_fwd(
+    Q, K, V, CK, CV, CLOGC, CPOS, QPOS, OUT, LSE,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_l, sk_d,
+    sv_b, sv_h, sv_l, sv_d,
+    sck_b, sck_h, sck_n, sck_d,
+    scv_b, scv_h, scv_n, scv_d,
+    scl_b, scl_h, scl_n,
+    scp_b, scp_h, scp_n,
+    sqp_b, sqp_l,
+    so_b, so_h, so_l, so_d,
+    H_kv, G, L, C, D,
+    scale, window, sink, recent,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H_kv
+    h = tl.program_id(1) % H_kv
+    # 64-bit base offsets: a large cache overflows int32 element offsets.
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qpos_ptr = QPOS + b64 * sqp_b
+    q, q_pos = _load_queries(
+        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D
+    )
+    k_base = K + b64 * sk_b + h64 * sk_h
+    v_base = V + b64 * sv_b + h64 * sv_h
+    ck_base = CK + b64 * sck_b + h64 * sck_h
+    cv_base = CV + b64 * scv_b + h64 * scv_h
+    clogc_ptr = CLOGC + b64 * scl_b + h64 * scl_h
+    cpos_ptr = CPOS + b64 * scp_b + h64 * scp_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, C + L, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(ck_base, k_base, sck_n, sck_d, sk_l, sk_d, offs_n, offs_d, C, L, D)
+        k_pos, bias = _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L)
+        s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0 so that
+        # exp(-inf - -inf) never produces NaN (its p and alpha are then exactly 0).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_rows(cv_base, v_base, scv_n, scv_d, sv_l, sv_d, offs_n, offs_d, C, L, D)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing stay exactly 0
+    g = offs_m // L
+    t = offs_m % L
+    row_ok = offs_m < G * L
+    o_ptrs = (
+        OUT + b64 * so_b + (h64 * G + g[:, None]) * so_h + t[:, None] * so_l
+        + offs_d[None, :] * so_d
+    )  # fmt: skip
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + (b64 * H_kv + h64) * G * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_mass(
+    Q, K, CK, CLOGC, CPOS, QPOS, LSE, MASS,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_l, sk_d,
+    sck_b, sck_h, sck_n, sck_d,
+    scl_b, scl_h, scl_n,
+    scp_b, scp_h, scp_n,
+    sqp_b, sqp_l,
+    H_kv, G, L, C, D,
+    scale, window, sink, recent,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1) // H_kv
+    h = tl.program_id(1) % H_kv
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qpos_ptr = QPOS + b64 * sqp_b
+    k = _load_rows(
+        CK + b64 * sck_b + h64 * sck_h, K + b64 * sk_b + h64 * sk_h,
+        sck_n, sck_d, sk_l, sk_d, offs_n, offs_d, C, L, D,
+    )  # fmt: skip
+    k_pos, bias = _key_meta(
+        CPOS + b64 * scp_b + h64 * scp_h, CLOGC + b64 * scl_b + h64 * scl_h, qpos_ptr,
+        scp_n, scl_n, sqp_l, offs_n, C, L,
+    )  # fmt: skip
+    q_base = Q + b64 * sq_b + h64 * G * sq_h
+    lse_base = LSE + (b64 * H_kv + h64) * G * L
+
+    col = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, G * L, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q, q_pos = _load_queries(
+            q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D
+        )
+        s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
+        # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        col += tl.sum(tl.exp(s - lse[:, None]), axis=0)
+    tl.store(MASS + (b64 * H_kv + h64) * (C + L) + offs_n, col, mask=offs_n < C + L)
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    """Power-of-2 block covering ``n`` clamped to ``[lo, hi]`` (``tl.dot`` needs >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def attend_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``attend_reference`` (same arguments, same results).
+
+    Args:
+        q: ``[B, H_q, L, D]``; k, v: ``[B, H_kv, L, D]``; cache_k, cache_v: ``[B, H_kv, C, D]``;
+        cache_logc: ``[B, H_kv, C]``; cache_pos: ``[B, H_kv, C]`` int; q_pos: ``[B, L]`` int.
+        Any strides; fp32, bf16 or fp16.
+    Returns:
+        ``out [B, H_q, L, D]`` in ``q.dtype`` and ``mass [B, H_kv, C + L]`` float32 (``[0]``
+        when ``return_mass`` is false).
+    """
+    B, H_q, L, D = q.shape
+    H_kv, C = k.shape[1], cache_k.shape[2]
+    G = H_q // H_kv
+    # Operands are upcast to fp32 in-kernel. 16-bit values are exact in TF32, so TF32 tensor-core
+    # dots lose nothing on q.k for them (p is rounded to TF32 for p.v, finer than a bf16 p);
+    # any fp32 input needs true fp32 dots, as TF32 would miss the reference by ~1e-3.
+    half = (torch.bfloat16, torch.float16)
+    precision = "tf32" if all(t.dtype in half for t in (q, k, v, cache_k, cache_v)) else "ieee"
+    out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H_kv, G * L), dtype=torch.float32, device=q.device)
+    M, N = G * L, C + L
+    BLOCK_M, BLOCK_N = _block(M, 16, 64), _block(N, 16, 64)
+    BLOCK_D = _block(D, 16, 1 << 30)
+    common = (H_kv, G, L, C, D, float(scale), int(window), int(sink), int(recent))
+    meta = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "DOT_PRECISION": precision}
+    if M > 0:
+        torch.library.wrap_triton(_attend_fwd)[(triton.cdiv(M, BLOCK_M), B * H_kv)](
+            q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *cache_k.stride(), *cache_v.stride(),
+            *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(), *out.stride(),
+            *common, **meta,
+        )  # fmt: skip
+    if not return_mass:
+        return out, torch.zeros(0, dtype=torch.float32, device=q.device)
+    mass = torch.empty((B, H_kv, N), dtype=torch.float32, device=q.device)
+    if N == 0:
+        return out, mass
+    torch.library.wrap_triton(_attend_mass)[(triton.cdiv(N, BLOCK_N), B * H_kv)](
+        q, k, cache_k, cache_logc, cache_pos, q_pos, lse, mass,
+        *q.stride(), *k.stride(), *cache_k.stride(),
+        *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(),
+        *common, **meta,
+    )  # fmt: skip
+    return out, mass

@@ -1,0 +1,176 @@
+"""AOTInductor packages: ``export`` writes a ``.pt2`` serving prefill and decode; ``load`` runs it.
+
+The package holds one compiled step (``[B, L]`` tokens, ``1 <= L <= chunk_size``) with the cache
+as mutable constants, plus metadata (method, options, shapes) under the ``kvslim`` key. The
+runner resets the cache by overwriting those constants and feeds long prompts in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import KVSlimError
+from .generate import _core, generate
+from .model import KVSlimModel, _new_token_mask
+
+FORMAT = "kvslim_fx/1"
+
+
+class _Step(nn.Module):
+    """Export view of a model: just its chunk step (no host-side checks or chunking)."""
+
+    def __init__(self, model: KVSlimModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, valid: Tensor) -> Tensor:
+        return self.model.step(input_ids, valid)
+
+
+def export(
+    model,
+    path: str | Path,
+    *,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    prompt_len: int | None = None,
+) -> Path:
+    """Compile ``model``'s step with AOTInductor into the package ``path`` (``.pt2``).
+
+    The package serves ``batch_size`` rows and, for a ``full`` cache, sequences of up to
+    ``max_length`` tokens (default: the model's positions); ``prompt_len`` fixes a fractional
+    budget. Returns the package path.
+    """
+    core = _core(model)
+    if not isinstance(core, KVSlimModel):
+        raise KVSlimError(
+            f"export takes a model from kvslim_fx.transform, got {type(core).__name__}"
+        )
+    core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
+    chunk = core.chunk_size
+    example = torch.zeros(batch_size, min(chunk, 2), dtype=torch.long, device=core.device)
+    length = torch.export.Dim("length", min=1, max=max(chunk, 2))
+    dims = {1: length} if chunk > 1 else {}
+    with torch.no_grad():
+        ep = torch.export.export(
+            _Step(core),
+            (example, example.bool()),
+            dynamic_shapes=(dims, dims),
+            strict=False,
+        )
+    state = {
+        f"model.{name}": [list(buf.shape), str(buf.dtype).removeprefix("torch."), _fill(name)]
+        for name, buf in core.named_buffers()
+    }
+    meta = {
+        "format": FORMAT,
+        "method": core.method.name,
+        "options": core.method.options(),
+        "batch_size": batch_size,
+        "chunk_size": chunk,
+        "max_length": max_length or core.max_positions,
+        "capacity": min(layer.capacity for layer in core.layers if not layer.layout.wraps)
+        if any(not layer.layout.wraps for layer in core.layers)
+        else None,
+        "max_positions": core.max_positions,
+        "cache_bytes": core.cache_bytes(),
+        "device": str(core.device),
+        "eos_token_id": core.eos_token_id,
+        "pad_token_id": core.pad_token_id,
+        "state": state,
+    }
+    core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(
+        torch._inductor.aoti_compile_and_package(
+            ep,
+            package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": {"kvslim": json.dumps(meta)}},
+        )
+    )
+
+
+def _fill(buffer_name: str) -> int:
+    """Value of an empty cache: position -1 (empty slot), zero elsewhere."""
+    return -1 if buffer_name.endswith(".pos") else 0
+
+
+class Runner:
+    """A loaded package: ``runner(input_ids, attention_mask)`` gives logits; ``.generate`` tokens."""
+
+    def __init__(self, package, meta: dict) -> None:
+        self._package = package
+        self.meta = meta
+        self.chunk_size = int(meta["chunk_size"])
+        self.batch_size = int(meta["batch_size"])
+        self.device = torch.device(meta["device"])
+        self.eos_token_id = meta["eos_token_id"]
+        self.pad_token_id = meta["pad_token_id"]
+        self._empty = {
+            name: torch.full(shape, fill, dtype=getattr(torch, dtype), device=self.device)
+            for name, (shape, dtype, fill) in meta["state"].items()
+        }
+
+    def reset(
+        self,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        prompt_len: int | None = None,
+    ) -> None:
+        if batch_size is not None and batch_size != self.batch_size:
+            raise KVSlimError(
+                f"this package serves batch size {self.batch_size}, not {batch_size}; "
+                f"re-export with kvslim_fx.export(model, path, batch_size={batch_size})"
+            )
+        limit = self.meta["capacity"] or self.meta["max_positions"]
+        if max_length is not None and max_length > limit:
+            raise KVSlimError(
+                f"this package's cache holds {limit} tokens, not {max_length}; re-export with "
+                f"kvslim_fx.export(model, path, max_length={max_length})"
+            )
+        self._package.load_constants(
+            {name: t.clone() for name, t in self._empty.items()}, check_full_update=False
+        )
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        valid = _new_token_mask(input_ids, attention_mask)
+        if input_ids.dtype != torch.long:
+            raise KVSlimError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        logits = [
+            self._package(input_ids[:, i : i + self.chunk_size], valid[:, i : i + self.chunk_size])
+            for i in range(0, input_ids.shape[1], self.chunk_size)
+        ]
+        return torch.cat(logits, dim=1)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def load(path: str | Path) -> Runner:
+    """Load a package written by :func:`export`; a corrupt or foreign file gets a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise KVSlimError(f"no package at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise KVSlimError(f"{path} is not an AOTInductor package ({err}); re-export it") from None
+    if bad is not None:
+        raise KVSlimError(f"{path} is corrupt (bad CRC in {bad}); re-export it")
+    try:
+        package = torch._inductor.aoti_load_package(str(path))
+        meta = json.loads(package.get_metadata()["kvslim"])
+    except KeyError:
+        raise KVSlimError(f"{path} is an AOTInductor package but not one kvslim_fx wrote") from None
+    except Exception as err:
+        raise KVSlimError(f"{path} could not be loaded ({type(err).__name__}: {err})") from None
+    if meta.get("format") != FORMAT:
+        raise KVSlimError(f"{path} has package format {meta.get('format')!r}, expected {FORMAT!r}")
+    return Runner(package, meta)

@@ -1,0 +1,90 @@
+"""What a compression method is: a budget, a sink, and how a layer's slots are laid out.
+
+A method never touches graphs. It turns the user's options into a per-layer
+:class:`SlotLayout` (the cache's shape and visibility rule) and, for the methods that
+compress, the state and kernels its cache update needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import KVSlimError
+
+# Full caches round their capacity up so that repeated generate() calls of similar lengths
+# reuse one compiled graph instead of recompiling for every new length.
+CAPACITY_QUANTUM = 64
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """One layer's slots: ``sink`` fixed slots, then a ring of ``ring`` slots.
+
+    Token number ``r`` of a row (its position) lives in slot ``r`` while ``r < sink``, else in
+    ``sink + (r - sink) % ring``. ``recent > 0`` limits what a query sees to the sinks plus the
+    last ``recent`` positions (StreamingLLM); ``wraps`` says that overwriting the ring is the
+    intended eviction, not an overflow.
+    """
+
+    sink: int
+    ring: int
+    recent: int
+    wraps: bool
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.ring
+
+
+class Method:
+    """Base of every method. Subclasses set ``name``, ``default_sink`` and ``layout``."""
+
+    name: ClassVar[str]
+    default_sink: ClassVar[int] = 0
+
+    def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:
+        self.sink = self.default_sink if sink is None else sink
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise KVSlimError(f"sink must be a non-negative integer, got {self.sink!r}")
+        self.budget = self._check_budget(budget)
+
+    def _check_budget(self, budget: int | float | None) -> int | float | None:
+        if budget is None:
+            return None
+        if isinstance(budget, bool) or not isinstance(budget, int | float):
+            raise KVSlimError(
+                f"budget must be a number of slots (int) or a fraction of the prompt in (0, 1], "
+                f"got {budget!r}"
+            )
+        if isinstance(budget, float) and not budget.is_integer():
+            if not 0.0 < budget <= 1.0:
+                raise KVSlimError(f"a fractional budget must lie in (0, 1], got {budget}")
+            return budget
+        budget = int(budget)
+        if budget <= self.sink:
+            raise KVSlimError(
+                f"budget={budget} must exceed sink={self.sink} (the budget counts the sink "
+                f"slots); raise the budget or lower sink"
+            )
+        return budget
+
+    def slots(self, prompt_len: int, max_length: int) -> int:
+        """Slots per global-attention layer for a sequence of ``max_length`` tokens."""
+        if self.budget is None:
+            return _round_up(max_length)
+        if isinstance(self.budget, float):
+            return max(self.sink + 1, math.ceil(self.budget * prompt_len))
+        return self.budget
+
+    def layout(self, slots: int, window: int) -> SlotLayout:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """The options that rebuild this method (recorded in exported packages)."""
+        return {"budget": self.budget, "sink": self.sink}
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CAPACITY_QUANTUM) * CAPACITY_QUANTUM

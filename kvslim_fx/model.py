@@ -1,0 +1,156 @@
+"""The model :func:`kvslim_fx.transform` returns: HF-style calls over a cache that lives inside."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+from .cache import LayerCache
+from .errors import KVSlimError
+from .methods import Method
+
+
+class KVSlimModel(nn.Module):
+    """A causal LM whose attention layers keep their own bounded KV cache.
+
+    ``model(input_ids, attention_mask)`` appends the tokens to the cache and returns their logits
+    ``[B, L, vocab]``, like an HF model fed its ``past_key_values``; ``reset()`` empties the cache.
+    Prompts longer than ``chunk_size`` are fed in chunks so memory stays bounded by the budget.
+    """
+
+    def __init__(
+        self,
+        graph: fx.GraphModule,
+        method: Method,
+        config,
+        logits_index: int,
+        chunk_size: int,
+    ) -> None:
+        super().__init__()
+        self.graph = graph
+        self.method = method
+        self.config = config
+        self.logits_index = logits_index
+        self.chunk_size = chunk_size
+        self.max_positions = _max_positions(config)
+        # generate()'s defaults, as HF takes them from the model's generation config.
+        self.eos_token_id: int | list[int] | None = None
+        self.pad_token_id: int | None = None
+        # [B] real (non-pad) tokens seen so far per row = the next token's position.
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.prompt_len = 0
+
+    @property
+    def layers(self) -> list[LayerCache]:
+        return [m for m in self.graph.modules() if isinstance(m, LayerCache)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.graph.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.graph.parameters()).dtype
+
+    def reset(
+        self,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        prompt_len: int | None = None,
+    ) -> None:
+        """Empty the cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+        ``max_length`` sizes a ``full`` cache (default: the model's positions); ``prompt_len``
+        resolves a fractional budget. Buffers are reused when their shape does not change, so a
+        compiled model does not recompile across calls of the same shape.
+        """
+        batch_size = batch_size or max(int(self.seen.shape[0]), 1)
+        max_length = max_length or self.max_positions
+        if max_length > self.max_positions:
+            raise KVSlimError(
+                f"max_length={max_length} exceeds the model's {self.max_positions} positions; "
+                "shorten the prompt or generate fewer tokens"
+            )
+        self.prompt_len = prompt_len or max_length
+        slots = self.method.slots(self.prompt_len, max_length)
+        for layer in self.layers:
+            layer.allocate(batch_size, slots, self.dtype, self.device)
+        if self.seen.shape != (batch_size,):
+            self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.seen.zero_()
+
+    def cache_bytes(self) -> int:
+        """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``input_ids [B, L]``, ``attention_mask [B, L]`` or ``[B, past + L]`` → ``[B, L, V]``."""
+        L = input_ids.shape[1]
+        valid = _new_token_mask(input_ids, attention_mask)
+        if not torch.compiler.is_compiling():
+            self._check(input_ids, valid)
+        if self.chunk_size >= L:
+            return self.step(input_ids, valid)
+        logits = [
+            self.step(input_ids[:, i : i + self.chunk_size], valid[:, i : i + self.chunk_size])
+            for i in range(0, L, self.chunk_size)
+        ]
+        return torch.cat(logits, dim=1)
+
+    def step(self, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """One chunk, no checks: the body that ``torch.compile`` and AOTInductor see."""
+        pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1
+        kv_pos = torch.where(valid, pos, -1)
+        # HF gives padding position 0; only real tokens' positions matter.
+        rope_pos = torch.where(valid, pos, 0)
+        out = self.graph(input_ids, rope_pos, kv_pos)
+        self.seen.add_(valid.sum(dim=1))
+        return out[self.logits_index]
+
+    def _check(self, input_ids: Tensor, valid: Tensor) -> None:
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise KVSlimError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise KVSlimError(
+                f"input_ids are on {input_ids.device} but the model is on {self.device}; "
+                f"move them with input_ids.to('{self.device}')"
+            )
+        B = input_ids.shape[0]
+        if self.seen.shape != (B,) or not self.layers[0].layout:
+            if self.seen.numel() and int(self.seen.max()) > 0:
+                raise KVSlimError(
+                    f"batch size changed from {self.seen.shape[0]} to {B} mid-sequence; "
+                    "call model.reset() first"
+                )
+            self.reset(batch_size=B, prompt_len=input_ids.shape[1])
+        end = int((self.seen + valid.sum(dim=1)).max())
+        if end > self.max_positions:
+            raise KVSlimError(
+                f"the sequence would reach {end} tokens but the model has "
+                f"{self.max_positions} positions; shorten the prompt or generate fewer tokens"
+            )
+        for layer in self.layers:
+            if not layer.layout.wraps and end > layer.capacity:
+                raise KVSlimError(
+                    f"the cache holds {layer.capacity} tokens and the sequence would reach {end}; "
+                    f"call model.reset(max_length=...) with a larger max_length"
+                )
+
+
+def _new_token_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
+        raise KVSlimError(
+            f"attention_mask must be [batch, length], got {tuple(attention_mask.shape)} "
+            f"for input_ids {tuple(input_ids.shape)}"
+        )
+    return attention_mask[:, -input_ids.shape[1] :].bool()
+
+
+def _max_positions(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise KVSlimError(f"{config.model_type}: the config names no maximum number of positions")

@@ -1,0 +1,114 @@
+"""``transform``: trace an HF causal LM with ``torch.export`` and give its attention a cache."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .cache import LayerCache
+from .errors import KVSlimError
+from .methods import make_method
+from .model import KVSlimModel, _max_positions
+from .passes.sdpa import GraphRewriteError, replace_sdpa
+
+DEFAULT_CHUNK = 512
+
+
+def transform(
+    model: nn.Module,
+    method: str = "full",
+    budget: int | float | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    **options,
+) -> KVSlimModel:
+    """Return ``model`` with every attention layer replaced by a fixed-capacity cached attention.
+
+    Args:
+        model: an HF causal LM (``AutoModelForCausalLM``) whose attention runs through SDPA.
+        method: a registered method name (``kvslim_fx.methods.METHODS``).
+        budget: KV slots kept per layer, sink slots included (int), or a fraction of the prompt
+            in (0, 1] (float); ``None`` keeps everything (``full``).
+        chunk_size: prompts longer than this are prefilled in chunks of this many tokens.
+        **options: the method's own options (e.g. ``sink``).
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise KVSlimError(f"expected a Hugging Face causal LM, got {type(model).__name__}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise KVSlimError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    algo = make_method(method, budget, **options)
+    config = model.config
+    arch = getattr(config, "model_type", type(model).__name__)
+    max_pos = _max_positions(config)
+
+    with _sdpa_attention(model, arch), torch.no_grad():
+        example = torch.zeros(2, 8, dtype=torch.long, device=_device(model))
+        # Real positions: all-zero ones would make HF's mask code trace a packed-sequence path.
+        positions = torch.arange(8, device=example.device).expand(2, 8).clone()
+        seq = torch.export.Dim("seq", min=1, max=max(max_pos - 1, 2))
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dims = {0: batch, 1: seq}
+        try:
+            ep = torch.export.export(
+                model,
+                (),
+                kwargs={"input_ids": example, "position_ids": positions, "use_cache": False},
+                dynamic_shapes={"input_ids": dims, "position_ids": dims, "use_cache": None},
+                strict=False,
+            )
+        except Exception as err:
+            raise KVSlimError(
+                f"{arch}: torch.export could not trace the model ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); kvslim_fx needs a model that "
+                "exports with input_ids and position_ids"
+            ) from err
+    gm = ep.module()
+    out_keys = _output_keys(gm)
+    if "logits" not in out_keys:
+        raise KVSlimError(f"{arch}: the traced model returns {out_keys}, not logits")
+    try:
+        replace_sdpa(gm, config, lambda site: LayerCache(site, algo))
+    except GraphRewriteError as err:
+        raise KVSlimError(str(err)) from None
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if inputs != ["input_ids", "position_ids", "kv_positions"]:
+        raise KVSlimError(f"{arch}: unexpected inputs {inputs} after the rewrite")
+    result = KVSlimModel(gm, algo, config, out_keys.index("logits"), chunk_size)
+    generation = getattr(model, "generation_config", None)
+    result.eos_token_id = getattr(generation, "eos_token_id", None)
+    result.pad_token_id = getattr(generation, "pad_token_id", None)
+    return result
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model: nn.Module, arch: str):
+    """Trace in eval mode with SDPA attention, whatever the user loaded; restore both after."""
+    before = getattr(model.config, "_attn_implementation", None)
+    was_training = model.training
+    model.eval()
+    if before != "sdpa":
+        try:
+            model.set_attn_implementation("sdpa")
+        except Exception as err:
+            raise KVSlimError(
+                f"{arch}: attention is {before!r} and the model refuses SDPA ({err}); "
+                "kvslim_fx rewrites SDPA attention only, so this architecture is unsupported"
+            ) from None
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if before is not None and before != "sdpa":
+            model.set_attn_implementation(before)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _output_keys(gm) -> list[str]:
+    spec = getattr(gm, "_out_spec", None)
+    context = getattr(spec, "context", None)
+    return list(context) if context else []
