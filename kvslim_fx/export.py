@@ -2,7 +2,7 @@
 
 The package holds one compiled step (``[B, L]`` tokens, ``1 <= L <= chunk_size``) with the cache
 as mutable constants, plus metadata (method, options, shapes) under the ``kvslim`` key. The
-runner resets the cache by overwriting those constants and feeds long prompts in chunks.
+runner owns the cache tensors, resets them in place, and feeds long prompts in chunks.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export(
         )
     state = {
         f"model.{name}": [list(buf.shape), str(buf.dtype).removeprefix("torch."), _fill(name)]
-        for name, buf in core.named_buffers()
+        for name, buf in core.state().items()
     }
     meta = {
         "format": FORMAT,
@@ -112,10 +112,17 @@ class Runner:
         self.device = torch.device(meta["device"])
         self.eos_token_id = meta["eos_token_id"]
         self.pad_token_id = meta["pad_token_id"]
-        self._empty = {
-            name: torch.full(shape, fill, dtype=getattr(torch, dtype), device=self.device)
+        # The runner owns the cache tensors (user-managed constants): the compiled step mutates
+        # them in place and reset() refills them, with no reload of the package's constants.
+        self._state = {
+            name: (torch.full(shape, fill, dtype=getattr(torch, dtype), device=self.device), fill)
             for name, (shape, dtype, fill) in meta["state"].items()
         }
+        package.load_constants(
+            {name: t for name, (t, _) in self._state.items()},
+            check_full_update=False,
+            user_managed=True,
+        )
 
     def reset(
         self,
@@ -134,16 +141,19 @@ class Runner:
                 f"this package's cache holds {limit} tokens, not {max_length}; re-export with "
                 f"kvslim_fx.export(model, path, max_length={max_length})"
             )
-        self._package.load_constants(
-            {name: t.clone() for name, t in self._empty.items()}, check_full_update=False
-        )
+        for tensor, fill in self._state.values():
+            tensor.fill_(fill)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         valid = _new_token_mask(input_ids, attention_mask)
         if input_ids.dtype != torch.long:
             raise KVSlimError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        # The compiled step assumes contiguous inputs; a column slice of a prompt is not.
         logits = [
-            self._package(input_ids[:, i : i + self.chunk_size], valid[:, i : i + self.chunk_size])
+            self._package(
+                input_ids[:, i : i + self.chunk_size].contiguous(),
+                valid[:, i : i + self.chunk_size].contiguous(),
+            )
             for i in range(0, input_ids.shape[1], self.chunk_size)
         ]
         return torch.cat(logits, dim=1)

@@ -79,6 +79,11 @@ class KVSlimModel(nn.Module):
             self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.seen.zero_()
 
+    def state(self) -> dict[str, Tensor]:
+        """The mutable decoding state by buffer name: the per-row counter and every layer's cache."""
+        names = {id(buf) for layer in self.layers for buf in layer.buffers()} | {id(self.seen)}
+        return {name: buf for name, buf in self.named_buffers() if id(buf) in names}
+
     def cache_bytes(self) -> int:
         """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""
         return sum(layer.nbytes() for layer in self.layers)
