@@ -29,7 +29,10 @@ __all__ = ["attend_triton"]
 
 @triton.jit
 def _load_rows(cache_ptr, new_ptr, sc_n, sc_d, sn_n, sn_d, offs_n, offs_d, C, L, D):
-    """Rows ``offs_n`` of ``cat([cache, new])`` for one ``(b, h)``: ``[BLOCK_N, BLOCK_D]``, 0 past the end."""
+    """Rows ``offs_n`` of ``cat([cache, new])`` of one ``(b, h)`` as fp32 ``[BLOCK_N, BLOCK_D]``.
+
+    Zeros past the end.
+    """
     n = offs_n[:, None]
     d_ok = offs_d[None, :] < D
     from_cache = tl.load(
@@ -45,7 +48,7 @@ def _load_rows(cache_ptr, new_ptr, sc_n, sc_d, sn_n, sn_d, offs_n, offs_d, C, L,
 
 @triton.jit
 def _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L):
-    """Position (``-1`` past the end, so such keys are invisible) and logit bias of keys ``offs_n``."""
+    """Position and logit bias of keys ``offs_n``; ``-1`` past the end makes those invisible."""
     in_cache = offs_n < C
     pos_cache = tl.load(cpos_ptr + offs_n * scp_n, mask=in_cache, other=-1)
     pos_new = tl.load(qpos_ptr + (offs_n - C) * sqp_l, mask=~in_cache & (offs_n < C + L), other=-1)
@@ -62,7 +65,7 @@ def _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION
     dist = qp - kp
     vis = (kp >= 0) & (qp >= 0) & (dist >= 0)
     vis = vis & ((window <= 0) | (dist < window))
-    vis = vis & ((recent <= 0) | (kp <= sink) | (dist < recent))
+    vis = vis & ((recent <= 0) | (kp < sink) | (dist < recent))
     return tl.where(vis, s, float("-inf"))
 
 
@@ -186,9 +189,7 @@ def _attend_mass(
     col = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, G * L, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        q, q_pos = _load_queries(
-            q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D
-        )
+        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D)
         s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
         lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
         # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
@@ -200,6 +201,20 @@ def _attend_mass(
 def _block(n: int, lo: int, hi: int) -> int:
     """Power-of-2 block covering ``n`` clamped to ``[lo, hi]`` (``tl.dot`` needs >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _config(M: int, N: int, D: int, fp32: bool) -> dict:
+    """Launch meta-parameters. Sized to stay near 100 KB of shared memory up to ``D = 256`` (what
+    consumer GPUs have): fp32 (non-tensor-core) dots get small tiles and no pipelining."""
+    BLOCK_D = _block(D, 16, 1 << 30)
+    max_m, max_n = (32, 32) if fp32 else (64, 64 if BLOCK_D <= 128 else 32)
+    return {
+        "BLOCK_M": _block(M, 16, max_m),
+        "BLOCK_N": _block(N, 16, max_n),
+        "BLOCK_D": BLOCK_D,
+        "DOT_PRECISION": "ieee" if fp32 else "tf32",
+        "num_stages": 1 if fp32 else 2,
+    }
 
 
 def attend_triton(
@@ -234,16 +249,14 @@ def attend_triton(
     # dots lose nothing on q.k for them (p is rounded to TF32 for p.v, finer than a bf16 p);
     # any fp32 input needs true fp32 dots, as TF32 would miss the reference by ~1e-3.
     half = (torch.bfloat16, torch.float16)
-    precision = "tf32" if all(t.dtype in half for t in (q, k, v, cache_k, cache_v)) else "ieee"
-    out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H_kv, G * L), dtype=torch.float32, device=q.device)
+    fp32 = not all(t.dtype in half for t in (q, k, v, cache_k, cache_v))
     M, N = G * L, C + L
-    BLOCK_M, BLOCK_N = _block(M, 16, 64), _block(N, 16, 64)
-    BLOCK_D = _block(D, 16, 1 << 30)
+    meta = _config(M, N, D, fp32)
+    out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
     common = (H_kv, G, L, C, D, float(scale), int(window), int(sink), int(recent))
-    meta = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "DOT_PRECISION": precision}
     if M > 0:
-        torch.library.wrap_triton(_attend_fwd)[(triton.cdiv(M, BLOCK_M), B * H_kv)](
+        torch.library.wrap_triton(_attend_fwd)[(triton.cdiv(M, meta["BLOCK_M"]), B * H_kv)](
             q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *cache_k.stride(), *cache_v.stride(),
             *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(), *out.stride(),
@@ -254,7 +267,7 @@ def attend_triton(
     mass = torch.empty((B, H_kv, N), dtype=torch.float32, device=q.device)
     if N == 0:
         return out, mass
-    torch.library.wrap_triton(_attend_mass)[(triton.cdiv(N, BLOCK_N), B * H_kv)](
+    torch.library.wrap_triton(_attend_mass)[(triton.cdiv(N, meta["BLOCK_N"]), B * H_kv)](
         q, k, cache_k, cache_logc, cache_pos, q_pos, lse, mass,
         *q.stride(), *k.stride(), *cache_k.stride(),
         *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(),

@@ -1,0 +1,38 @@
+"""Shared test utilities: cached tiny models, padded prompts, HF reference logits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, tiny_model
+
+import kvslim_fx
+
+
+@functools.cache
+def hf_model(arch: str):
+    return tiny_model(arch)
+
+
+@functools.cache
+def kv_model(arch: str, method: str = "full", budget=None, chunk_size: int = 64, **options):
+    return kvslim_fx.transform(hf_model(arch), method, budget, chunk_size=chunk_size, **options)
+
+
+def prompts(batch: int, length: int, pads: list[int] | None = None, seed: int = 0):
+    """Random token ids ``[batch, length]`` left-padded by ``pads[b]`` tokens, and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB_SIZE, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(pads or [0] * batch):
+        mask[b, :n] = 0
+    ids[mask == 0] = PAD_TOKEN_ID
+    return ids, mask
+
+
+@torch.no_grad()
+def hf_logits(arch: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The original model's logits over a whole (left-padded) sequence, HF position convention."""
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return hf_model(arch)(ids, attention_mask=mask, position_ids=positions).logits

@@ -1,0 +1,101 @@
+"""StreamingLLM: sinks plus a recent window, as a ring of slots and a visibility rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kv_model, prompts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def feed(model, ids, mask, chunk: int | None = None) -> torch.Tensor:
+    """Logits of ``ids`` fed ``chunk`` tokens at a time (all at once if None)."""
+    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1])
+    chunk = chunk or ids.shape[1]
+    with torch.no_grad():
+        out = [
+            model(ids[:, i : i + chunk], mask[:, : i + chunk])
+            for i in range(0, ids.shape[1], chunk)
+        ]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_capacity_above_sequence_is_exactly_full(arch):
+    ids, mask = prompts(3, 90, [0, 4, 30], seed=4)
+    full = feed(kv_model(arch, "full", 96, chunk_size=32), ids, mask)
+    streaming = feed(kv_model(arch, "streaming", 96, chunk_size=32, sink=4), ids, mask)
+    assert torch.equal(full, streaming)
+
+
+def kept_positions(layer, row: int, head: int) -> list[int]:
+    pos = layer.pos[row, head, : layer.capacity]
+    return sorted(p for p in pos.tolist() if p >= 0)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    budget=st.integers(6, 40),
+    sink=st.integers(0, 5),
+    length=st.integers(1, 120),
+    chunk=st.sampled_from([1, 7, 16, 64]),
+)
+def test_cache_holds_sinks_and_most_recent_tokens(budget, sink, length, chunk):
+    arch = "gemma3_text"  # sliding layers (window 16) and a global layer
+    model = kv_model(arch, "streaming", budget, chunk_size=chunk, sink=sink)
+    full = kv_model(arch, "full", chunk_size=chunk)
+    ids, mask = prompts(2, length, [0, min(3, length - 1)], seed=budget)
+    feed(model, ids, mask, chunk)
+    feed(full, ids, mask, chunk)
+    real = mask.sum(1).tolist()
+    for layer, reference in zip(model.layers, full.layers, strict=True):
+        assert int((layer.pos[:, :, : layer.capacity] >= 0).sum(-1).max()) <= layer.capacity
+        window = layer.site.window
+        for row, n in enumerate(real):
+            if window and window <= budget - sink:
+                expected = list(range(max(0, n - window), n))
+            else:
+                recent = budget - sink
+                expected = sorted(set(range(min(sink, n))) | set(range(max(0, n - recent), n)))
+            assert kept_positions(layer, row, 0) == expected
+        if layer.site.layer == 0:
+            # Layer 0's keys depend on the tokens alone: they must equal the full cache's (whose
+            # sliding-window ring holds the last 16 positions).
+            for row in range(2):
+                for slot, p in enumerate(layer.pos[row, 0, : layer.capacity].tolist()):
+                    ref_slot = (reference.pos[row, 0] == p).nonzero().flatten()
+                    if p >= 0 and ref_slot.numel():
+                        ref = reference.k[row, :, int(ref_slot[0])]
+                        assert torch.equal(layer.k[row, :, slot], ref)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(budget=st.integers(8, 40), chunk=st.sampled_from([3, 16, 64]), length=st.integers(2, 100))
+def test_chunked_prefill_equals_one_token_at_a_time(budget, chunk, length):
+    ids, mask = prompts(2, length, [0, length // 3], seed=length)
+    chunked = feed(
+        kv_model("llama", "streaming", budget, chunk_size=chunk, sink=2), ids, mask, chunk
+    )
+    stepped = feed(kv_model("llama", "streaming", budget, chunk_size=1, sink=2), ids, mask, 1)
+    real = mask.bool()
+    assert (chunked - stepped).abs().amax(-1)[real].max() < 1e-5
+
+
+def test_streaming_differs_from_full_once_it_evicts():
+    ids, mask = prompts(1, 80, seed=5)
+    full = feed(kv_model("llama", "full"), ids, mask)
+    streaming = feed(kv_model("llama", "streaming", 24, sink=4), ids, mask)
+    assert torch.allclose(full[:, :24], streaming[:, :24], atol=1e-5)
+    assert (full[:, 30:] - streaming[:, 30:]).abs().max() > 1e-3
+
+
+def test_cache_bytes_scale_with_budget():
+    small = kv_model("llama", "streaming", 32, sink=4)
+    small.reset(batch_size=1, max_length=400)
+    full = kv_model("llama", "full")
+    full.reset(batch_size=1, max_length=400)
+    # K and V in fp32 plus logc (4 B) and pos (8 B) per slot and KV head; full rounds 400 → 448.
+    per_slot = 2 * 2 * (16 * 4 * 2 + 4 + 8)
+    assert small.cache_bytes() == 32 * per_slot
+    assert full.cache_bytes() == 448 * per_slot
