@@ -102,7 +102,7 @@ def _fill(buffer_name: str) -> int:
 
 
 class Runner:
-    """A loaded package: ``runner(input_ids, attention_mask)`` gives logits; ``.generate`` tokens."""
+    """A loaded package: ``runner(input_ids, attention_mask)`` → logits; ``.generate`` → tokens."""
 
     def __init__(self, package, meta: dict) -> None:
         self._package = package

@@ -80,13 +80,24 @@ class KVSlimModel(nn.Module):
         self.seen.zero_()
 
     def state(self) -> dict[str, Tensor]:
-        """The mutable decoding state by buffer name: the per-row counter and every layer's cache."""
+        """Mutable decoding state by buffer name: the per-row counter and each layer's cache."""
         names = {id(buf) for layer in self.layers for buf in layer.buffers()} | {id(self.seen)}
         return {name: buf for name, buf in self.named_buffers() if id(buf) in names}
 
     def cache_bytes(self) -> int:
         """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def full_cache_bytes(self, seq_len: int) -> int:
+        """Bytes an uncompressed K/V cache (HF's dynamic cache) needs for ``seq_len`` tokens."""
+        batch = max(int(self.seen.shape[0]), 1)
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        total = 0
+        for layer in self.layers:
+            s = layer.site
+            tokens = min(seq_len, s.window) if s.window else seq_len
+            total += 2 * batch * s.num_kv_heads * s.head_dim * tokens * elem
+        return total
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``input_ids [B, L]``, ``attention_mask [B, L]`` or ``[B, past + L]`` → ``[B, L, V]``."""
@@ -121,7 +132,7 @@ class KVSlimModel(nn.Module):
                 f"move them with input_ids.to('{self.device}')"
             )
         B = input_ids.shape[0]
-        if self.seen.shape != (B,) or not self.layers[0].layout:
+        if self.seen.shape != (B,) or self.layers[0].layout is None:
             if self.seen.numel() and int(self.seen.max()) > 0:
                 raise KVSlimError(
                     f"batch size changed from {self.seen.shape[0]} to {B} mid-sequence; "
