@@ -93,7 +93,8 @@ def _sdpa_attention(model: nn.Module, arch: str):
             model.set_attn_implementation("sdpa")
         except Exception as err:
             raise KVSlimError(
-                f"{arch}: attention is {before!r} and the model refuses SDPA ({err}); "
+                f"{arch}: attention is {before!r} and the model refuses SDPA "
+                f"({str(err).split('. ')[0]}); "
                 "kvslim_fx rewrites SDPA attention only, so this architecture is unsupported"
             ) from None
     try:

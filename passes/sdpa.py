@@ -166,5 +166,6 @@ def replace_sdpa(
         if node.op == "placeholder" and not node.users and node is not positions:
             gm.graph.erase_node(node)
     gm.graph.lint()
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return sites

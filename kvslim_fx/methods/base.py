@@ -58,11 +58,13 @@ class Method:
                 f"budget must be a number of slots (int) or a fraction of the prompt in (0, 1], "
                 f"got {budget!r}"
             )
-        if isinstance(budget, float) and not budget.is_integer():
+        if isinstance(budget, float):
             if not 0.0 < budget <= 1.0:
-                raise KVSlimError(f"a fractional budget must lie in (0, 1], got {budget}")
+                raise KVSlimError(
+                    f"a fractional budget must lie in (0, 1], got {budget}; pass an int for a "
+                    "number of slots"
+                )
             return budget
-        budget = int(budget)
         if budget <= self.sink:
             raise KVSlimError(
                 f"budget={budget} must exceed sink={self.sink} (the budget counts the sink "

@@ -1,0 +1,119 @@
+"""Bad input gets a KVSlimError naming the problem and the fix, never a deep stack trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import hf_model, kv_model, prompts
+from tiny_models import tiny_config
+from transformers import AutoModelForCausalLM, Gemma2Config
+
+import kvslim_fx
+from kvslim_fx import KVSlimError
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(KVSlimError, match=r"unknown method 'kvzip'.*full.*streaming"):
+        kvslim_fx.transform(hf_model("llama"), "kvzip", 64)
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ("2048", "budget must be a number"),
+        (True, "budget must be a number"),
+        (4, "must exceed sink=4"),
+        (2, "must exceed sink=4"),
+        (0.0, r"fractional budget must lie in \(0, 1\]"),
+        (1.5, r"fractional budget must lie in \(0, 1\]"),
+    ],
+)
+def test_bad_budgets(budget, message):
+    with pytest.raises(KVSlimError, match=message):
+        kvslim_fx.transform(hf_model("llama"), "streaming", budget, sink=4)
+
+
+def test_bad_options():
+    with pytest.raises(KVSlimError, match="sink must be a non-negative integer"):
+        kvslim_fx.transform(hf_model("llama"), "streaming", 64, sink=-1)
+    with pytest.raises(KVSlimError, match="bad options for method 'streaming'"):
+        kvslim_fx.transform(hf_model("llama"), "streaming", 64, window=3)
+    with pytest.raises(KVSlimError, match="chunk_size must be a positive integer"):
+        kvslim_fx.transform(hf_model("llama"), chunk_size=0)
+    with pytest.raises(KVSlimError, match="expected a Hugging Face causal LM"):
+        kvslim_fx.transform(torch.nn.Linear(2, 2))
+
+
+def test_eager_attention_is_retraced_with_sdpa_and_restored():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager")
+    model.eval()
+    rewritten = kvslim_fx.transform(model)
+    assert model.config._attn_implementation == "eager"
+    ids, _ = prompts(1, 20)
+    with torch.no_grad():
+        assert (rewritten(ids) - model(ids).logits).abs().max() < 1e-5
+
+
+def test_model_that_refuses_sdpa_is_refused_with_the_reason():
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(
+        KVSlimError, match="gemma2: attention is 'eager' and the model refuses SDPA"
+    ):
+        kvslim_fx.transform(model)
+
+
+def test_prompt_longer_than_the_model_positions():
+    model = kv_model("llama")
+    ids, mask = prompts(1, 600)
+    with pytest.raises(KVSlimError, match="512 positions"):
+        model.reset(batch_size=1)
+        model(ids, mask)
+    with pytest.raises(KVSlimError, match="exceeds the model's 512 positions"):
+        kvslim_fx.generate(model, ids[:, :500], max_new_tokens=20)
+
+
+def test_full_cache_overflow_names_the_fix():
+    model = kv_model("llama")
+    model.reset(batch_size=1, max_length=64)
+    ids, _ = prompts(1, 65)
+    with pytest.raises(KVSlimError, match=r"holds 64 tokens.*reset\(max_length"):
+        model(ids)
+
+
+def test_input_ids_dtype_device_and_mask_shape():
+    model = kv_model("llama")
+    ids, mask = prompts(1, 8)
+    with pytest.raises(KVSlimError, match="int64 token ids"):
+        model(ids.float())
+    with pytest.raises(KVSlimError, match="are on meta but the model is on cpu"):
+        model(ids.to("meta"))
+    with pytest.raises(KVSlimError, match=r"attention_mask must be \[batch, length\]"):
+        model(ids, mask[0])
+    with pytest.raises(KVSlimError, match="input_ids must be a"):
+        kvslim_fx.generate(model, ids[0])
+    with pytest.raises(KVSlimError, match="max_new_tokens must be"):
+        kvslim_fx.generate(model, ids, max_new_tokens=-1)
+
+
+def test_batch_change_mid_sequence_is_refused():
+    model = kv_model("llama")
+    model.reset(batch_size=1, max_length=64)
+    model(prompts(1, 4)[0])
+    with pytest.raises(KVSlimError, match="batch size changed from 1 to 2"):
+        model(prompts(2, 4)[0])
+
+
+def test_unsupported_graph_names_the_architecture_and_node():
+    from kvslim_fx.passes.sdpa import GraphRewriteError, replace_sdpa
+
+    class NoAttention(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    gm = torch.export.export(NoAttention(), (torch.ones(2),)).module()
+    with pytest.raises(GraphRewriteError, match="llama: the exported graph has no"):
+        replace_sdpa(gm, tiny_config("llama"), lambda site: torch.nn.Identity())

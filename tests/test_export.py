@@ -1,0 +1,70 @@
+"""AOTInductor round trip: export → load → generate gives the eager tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kv_model, prompts
+
+import kvslim_fx
+from kvslim_fx import KVSlimError
+
+
+@pytest.fixture(scope="module", params=[("full", None), ("streaming", 40)], ids=lambda p: p[0])
+def package(request, tmp_path_factory):
+    method, budget = request.param
+    model = kv_model("llama", method, budget, chunk_size=32)
+    path = tmp_path_factory.mktemp("pkg") / f"{method}.pt2"
+    kvslim_fx.export(model, path, batch_size=2, max_length=160)
+    return model, path
+
+
+@pytest.mark.slow
+def test_package_generates_the_eager_tokens(package):
+    model, path = package
+    ids, mask = prompts(2, 70, [0, 9], seed=7)
+    eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[])
+    runner = kvslim_fx.load(path)
+    assert runner.meta["method"] == model.method.name
+    model.reset(batch_size=2, max_length=160)
+    assert runner.meta["cache_bytes"] == model.cache_bytes()
+    first = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])
+    again = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])  # reset works
+    assert torch.equal(first, eager)
+    assert torch.equal(again, eager)
+
+
+@pytest.mark.slow
+def test_package_refuses_other_shapes(package):
+    _, path = package
+    runner = kvslim_fx.load(path)
+    ids, mask = prompts(3, 10)
+    with pytest.raises(KVSlimError, match="batch size 2"):
+        runner.generate(ids, mask, max_new_tokens=2)
+    if runner.meta["capacity"]:
+        ids, mask = prompts(2, 150)
+        with pytest.raises(KVSlimError, match="holds"):
+            runner.generate(ids, mask, max_new_tokens=50)
+
+
+@pytest.mark.slow
+def test_corrupt_package_is_refused(package, tmp_path):
+    _, path = package
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(data[: len(data) // 2])
+    flipped = tmp_path / "flipped.pt2"
+    middle = len(data) // 2
+    flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    for bad in (truncated, flipped):
+        with pytest.raises(KVSlimError, match=r"corrupt|not an AOTInductor package|could not be"):
+            kvslim_fx.load(bad)
+
+
+def test_non_packages_are_refused(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip file at all")
+    with pytest.raises(KVSlimError, match="not an AOTInductor package"):
+        kvslim_fx.load(junk)
+    with pytest.raises(KVSlimError, match="no package"):
+        kvslim_fx.load(tmp_path / "missing.pt2")

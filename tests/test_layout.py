@@ -1,0 +1,54 @@
+"""The design card's layering: kvslim_fx → passes → kernels, and what lands in site-packages."""
+
+from __future__ import annotations
+
+import ast
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Which kvslim_fx sub-packages each layer may import (besides itself).
+ALLOWED = {"kernels": set(), "passes": {"kernels"}}
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level >= 2 or module.startswith("kvslim_fx"):
+                found.add("kvslim_fx")
+            parts = module.split(".")
+            if module.startswith("kvslim_fx.") and len(parts) > 1:
+                found.add(parts[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("kvslim_fx.")}
+            found |= {"kvslim_fx" for a in node.names if a.name == "kvslim_fx"}
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_imports_point_down_only(layer):
+    for path in (ROOT / layer).glob("*.py"):
+        bad = imported_packages(path) - ALLOWED[layer] - {layer}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: imports must point down only"
+
+
+def test_wheel_installs_passes_and_kernels_inside_kvslim_fx(tmp_path):
+    import os
+
+    from setuptools import build_meta
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        wheel = build_meta.build_wheel(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"kvslim_fx"}
+    assert "kvslim_fx/passes/sdpa.py" in names
+    assert "kvslim_fx/kernels/attention.py" in names
