@@ -74,9 +74,11 @@ class LayerCache(nn.Module):
         dropped = (r < 0) | ((r >= lay.sink) & (r + lay.ring <= last))
         slot = torch.where(dropped, trash, slot)
         pos = torch.where(dropped, -1, r)
-        B, H, L, D = k.shape
-        idx = slot[:, None, :].expand(B, H, L)
-        self.k.scatter_(2, idx[..., None].expand(B, H, L, D), k.to(self.k.dtype))
-        self.v.scatter_(2, idx[..., None].expand(B, H, L, D), v.to(self.v.dtype))
-        self.pos.scatter_(2, idx, pos[:, None, :].expand(B, H, L))
-        self.logc.scatter_(2, idx, torch.zeros_like(idx, dtype=self.logc.dtype))
+        B, H, L, _ = k.shape
+        rows = torch.arange(B, device=k.device)[:, None, None]
+        heads = torch.arange(H, device=k.device)[None, :, None]
+        index = (rows, heads, slot[:, None, :])
+        self.k.index_put_(index, k.to(self.k.dtype))
+        self.v.index_put_(index, v.to(self.v.dtype))
+        self.pos.index_put_(index, pos[:, None, :].expand(B, H, L))
+        self.logc.index_put_(index, torch.zeros((), dtype=self.logc.dtype, device=k.device))

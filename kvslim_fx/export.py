@@ -1,8 +1,8 @@
 """AOTInductor packages: ``export`` writes a ``.pt2`` serving prefill and decode; ``load`` runs it.
 
 The package holds one compiled step (``[B, L]`` tokens, ``1 <= L <= chunk_size``) with the cache
-as mutable constants, plus metadata (method, options, shapes) under the ``kvslim`` key. The
-runner owns the cache tensors, resets them in place, and feeds long prompts in chunks.
+as inputs it mutates in place, plus metadata (method, options, state shapes) under the ``kvslim``
+key. The runner owns the cache tensors, resets them in place, and feeds long prompts in chunks.
 """
 
 from __future__ import annotations
@@ -18,18 +18,27 @@ from .errors import KVSlimError
 from .generate import _core, generate
 from .model import KVSlimModel, _new_token_mask
 
-FORMAT = "kvslim_fx/1"
+FORMAT = "kvslim_fx/2"
 
 
 class _Step(nn.Module):
-    """Export view of a model: just its chunk step (no host-side checks or chunking)."""
+    """Export view of a model: its chunk step with the cache state passed in as inputs.
+
+    The state tensors are mutated in place, like the model's own buffers. AOTInductor keeps
+    input mutations but on torch 2.13 drops some mutations of its *constants* (a batch-1,
+    one-token step left the cache unwritten), so the package holds only the weights.
+    """
 
     def __init__(self, model: KVSlimModel) -> None:
         super().__init__()
         self.model = model
+        self.names = list(model.state())
 
-    def forward(self, input_ids: Tensor, valid: Tensor) -> Tensor:
-        return self.model.step(input_ids, valid)
+    def forward(self, input_ids: Tensor, valid: Tensor, *state: Tensor) -> Tensor:
+        with torch.nn.utils.stateless._reparametrize_module(
+            self.model, dict(zip(self.names, state, strict=True))
+        ):
+            return self.model.step(input_ids, valid)
 
 
 def export(
@@ -56,17 +65,19 @@ def export(
     example = torch.zeros(batch_size, min(chunk, 2), dtype=torch.long, device=core.device)
     length = torch.export.Dim("length", min=1, max=max(chunk, 2))
     dims = {1: length} if chunk > 1 else {}
+    step = _Step(core)
+    buffers = core.state()
     with torch.no_grad():
         ep = torch.export.export(
-            _Step(core),
-            (example, example.bool()),
-            dynamic_shapes=(dims, dims),
+            step,
+            (example, example.bool(), *(b.clone() for b in buffers.values())),
+            dynamic_shapes=(dims, dims, (None,) * len(buffers)),
             strict=False,
         )
-    state = {
-        f"model.{name}": [list(buf.shape), str(buf.dtype).removeprefix("torch."), _fill(name)]
-        for name, buf in core.state().items()
-    }
+    state = [
+        [name, list(buf.shape), str(buf.dtype).removeprefix("torch."), _fill(name)]
+        for name, buf in buffers.items()
+    ]
     meta = {
         "format": FORMAT,
         "method": core.method.name,
@@ -112,17 +123,11 @@ class Runner:
         self.device = torch.device(meta["device"])
         self.eos_token_id = meta["eos_token_id"]
         self.pad_token_id = meta["pad_token_id"]
-        # The runner owns the cache tensors (user-managed constants): the compiled step mutates
-        # them in place and reset() refills them, with no reload of the package's constants.
-        self._state = {
+        # The runner owns the cache: the compiled step mutates these tensors in place.
+        self.state = {
             name: (torch.full(shape, fill, dtype=getattr(torch, dtype), device=self.device), fill)
-            for name, (shape, dtype, fill) in meta["state"].items()
+            for name, shape, dtype, fill in meta["state"]
         }
-        package.load_constants(
-            {name: t for name, (t, _) in self._state.items()},
-            check_full_update=False,
-            user_managed=True,
-        )
 
     def reset(
         self,
@@ -141,7 +146,7 @@ class Runner:
                 f"this package's cache holds {limit} tokens, not {max_length}; re-export with "
                 f"kvslim_fx.export(model, path, max_length={max_length})"
             )
-        for tensor, fill in self._state.values():
+        for tensor, fill in self.state.values():
             tensor.fill_(fill)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -153,6 +158,7 @@ class Runner:
             self._package(
                 input_ids[:, i : i + self.chunk_size].contiguous(),
                 valid[:, i : i + self.chunk_size].contiguous(),
+                *(tensor for tensor, _ in self.state.values()),
             )
             for i in range(0, input_ids.shape[1], self.chunk_size)
         ]

@@ -10,23 +10,27 @@ import kvslim_fx
 from kvslim_fx import KVSlimError
 
 
-@pytest.fixture(scope="module", params=[("full", None), ("streaming", 40)], ids=lambda p: p[0])
+# Batch 1 matters: AOTInductor on torch 2.13 dropped a one-token step's writes to mutated
+# *constants* at batch 1, which is why the package takes the cache as mutated inputs.
+@pytest.fixture(
+    scope="module", params=[("full", None, 1), ("streaming", 40, 2)], ids=lambda p: p[0]
+)
 def package(request, tmp_path_factory):
-    method, budget = request.param
+    method, budget, batch = request.param
     model = kv_model("llama", method, budget, chunk_size=32)
     path = tmp_path_factory.mktemp("pkg") / f"{method}.pt2"
-    kvslim_fx.export(model, path, batch_size=2, max_length=160)
-    return model, path
+    kvslim_fx.export(model, path, batch_size=batch, max_length=160)
+    return model, path, batch
 
 
 @pytest.mark.slow
 def test_package_generates_the_eager_tokens(package):
-    model, path = package
-    ids, mask = prompts(2, 70, [0, 9], seed=7)
+    model, path, batch = package
+    ids, mask = prompts(batch, 70, [0, 9][:batch], seed=7)
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[])
     runner = kvslim_fx.load(path)
     assert runner.meta["method"] == model.method.name
-    model.reset(batch_size=2, max_length=160)
+    model.reset(batch_size=batch, max_length=160)
     assert runner.meta["cache_bytes"] == model.cache_bytes()
     first = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])
     again = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])  # reset works
@@ -36,20 +40,20 @@ def test_package_generates_the_eager_tokens(package):
 
 @pytest.mark.slow
 def test_package_refuses_other_shapes(package):
-    _, path = package
+    _, path, batch = package
     runner = kvslim_fx.load(path)
     ids, mask = prompts(3, 10)
-    with pytest.raises(KVSlimError, match="batch size 2"):
+    with pytest.raises(KVSlimError, match=f"batch size {batch}"):
         runner.generate(ids, mask, max_new_tokens=2)
     if runner.meta["capacity"]:
-        ids, mask = prompts(2, 150)
+        ids, mask = prompts(batch, 150)
         with pytest.raises(KVSlimError, match="holds"):
             runner.generate(ids, mask, max_new_tokens=50)
 
 
 @pytest.mark.slow
 def test_corrupt_package_is_refused(package, tmp_path):
-    _, path = package
+    _, path, _ = package
     data = path.read_bytes()
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(data[: len(data) // 2])
