@@ -4,7 +4,9 @@ State per layer (buffers, mutated in place so ``torch.compile`` and AOTInductor 
 
 * ``k``, ``v``: ``[B, H_kv, C + 1, D]`` post-RoPE keys and mean values, in the model's dtype;
 * ``logc``: ``[B, H_kv, C + 1]`` float32 log cardinality (0 for a slot holding one token);
-* ``pos``: ``[B, H_kv, C + 1]`` int64 position of each slot's (last) token, ``-1`` = empty.
+* ``pos``: ``[B, H_kv, C + 1]`` int64 position of each slot's (last) token, ``-1`` = empty;
+* whatever per-slot state the method declares (``[B, H_kv, C + 1]`` each), and
+  ``merge_stats [2]`` (float64: merges done, closed-form fallbacks) for merging methods.
 
 The extra last slot is a trash slot: padding and tokens superseded within their own chunk are
 written there with position ``-1``, which keeps every write a static-shape scatter.
@@ -17,19 +19,24 @@ from torch import Tensor, nn
 
 from .kernels import attention  # noqa: F401  (registers kvslim::attend)
 from .methods import Method, SlotLayout
+from .passes.rope import RopeFacts
 from .passes.sdpa import AttentionSite
+
+_BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
 
 
 class LayerCache(nn.Module):
-    """Cached attention for one layer: attend over slots ∪ new tokens, then write the new tokens."""
+    """Cached attention for one layer: attend over slots ∪ new tokens, then store the new tokens."""
 
-    def __init__(self, site: AttentionSite, method: Method) -> None:
+    def __init__(self, site: AttentionSite, method: Method, rope: RopeFacts | None = None) -> None:
         super().__init__()
         self.site = site
         self.method = method
+        self.rope = rope
         self.layout: SlotLayout | None = None
-        for name, dtype in (("k", None), ("v", None), ("logc", torch.float32), ("pos", torch.long)):
-            self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
+        self.slot_state = {**_BASE_STATE, **method.slot_state()}
+        for name in ("k", "v", "merge_stats", *self.slot_state):
+            self.register_buffer(name, torch.empty(0), persistent=False)
 
     @property
     def capacity(self) -> int:
@@ -43,42 +50,75 @@ class LayerCache(nn.Module):
         if self.pos.shape != shape or self.k.dtype != dtype or self.k.device != device:
             self.k = torch.zeros(*shape, s.head_dim, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
-            self.logc = torch.zeros(shape, dtype=torch.float32, device=device)
-            self.pos = torch.empty(shape, dtype=torch.long, device=device)
-        self.logc.zero_()
-        self.pos.fill_(-1)
+            for name, (state_dtype, _) in self.slot_state.items():
+                setattr(self, name, torch.empty(shape, dtype=state_dtype, device=device))
+            self.merge_stats = torch.zeros(2, dtype=torch.float64, device=device)
+        for name, (_, fill) in self.slot_state.items():
+            getattr(self, name).fill_(fill)
+        self.merge_stats.zero_()
 
     def nbytes(self) -> int:
-        """Bytes of the ``capacity`` slots (K, V and per-slot metadata; the trash slot excluded)."""
-        tensors = (self.k, self.v, self.logc, self.pos)
+        """Bytes of the ``capacity`` slots (K, V and per-slot state; the trash slot excluded)."""
+        tensors = [self.k, self.v, *(getattr(self, n) for n in self.slot_state)]
         per_slot = sum(t[:, :, :1].numel() * t.element_size() for t in tensors)
         return per_slot * self.capacity
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_pos: Tensor) -> Tensor:
         """``q [B, H_q, L, D]``, ``k, v [B, H_kv, L, D]``, ``kv_pos [B, L]`` → ``[B, H_q, L, D]``"""
         lay = self.layout
-        out, _ = torch.ops.kvslim.attend(
+        out, mass = torch.ops.kvslim.attend(
             q, k, v, self.k, self.v, self.logc, self.pos, kv_pos,
-            self.site.scale, self.site.window, lay.sink, lay.recent, False,
+            self.site.scale, self.site.window, lay.sink, lay.recent, lay.merges,
         )  # fmt: skip
-        self._write(k, v, kv_pos)
+        if lay.merges:
+            self.method.update(self, k, v, kv_pos, mass)
+        else:
+            self.write_ring(k, v, kv_pos)
         return out
 
-    def _write(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+    def write_ring(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+        """Store the new tokens by the layout's sink + ring rule (overwriting = evicting)."""
         lay = self.layout
-        trash = lay.capacity
         r = kv_pos
         slot = torch.where(r < lay.sink, r, lay.sink + (r - lay.sink) % lay.ring)
         # A token whose ring slot is taken again later in the same chunk is never stored.
         last = r.amax(dim=1, keepdim=True)
         dropped = (r < 0) | ((r >= lay.sink) & (r + lay.ring <= last))
-        slot = torch.where(dropped, trash, slot)
-        pos = torch.where(dropped, -1, r)
+        self._put(torch.where(dropped, lay.capacity, slot), k, v, torch.where(dropped, -1, r), {})
+
+    def write_free(self, k: Tensor, v: Tensor, kv_pos: Tensor, state: dict[str, Tensor]) -> None:
+        """Store the new tokens in the empty slots, lowest first (the method made enough room).
+
+        ``state`` gives the method's per-slot state of the new tokens, ``[B, H_kv, L]`` each.
+        """
+        C = self.capacity
+        free = self.pos[:, :, :C] < 0  # [B, H, C]
+        rank = free.long().cumsum(-1) - 1
+        # slots_by_rank[b, h, i] = the i-th free slot (trash beyond the free ones).
+        slots_by_rank = torch.full_like(self.pos, C)
+        slots = torch.arange(C, device=k.device).expand_as(rank)
+        slots_by_rank.scatter_(2, torch.where(free, rank, C), slots)
+        real = kv_pos >= 0
+        token_rank = (real.long().cumsum(1) - 1).clamp_min(0)[:, None, :].expand(-1, k.shape[1], -1)
+        slot = slots_by_rank.gather(2, token_rank)
+        slot = torch.where(real[:, None, :], slot, C)
+        pos = torch.where(slot == C, -1, kv_pos[:, None, :])
+        self._put(slot, k, v, pos, state)
+
+    def _put(
+        self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor, state: dict[str, Tensor]
+    ) -> None:
+        """Write ``k, v [B, H, L, D]`` and ``pos`` into ``slot`` (``[B, L]`` or ``[B, H, L]``)."""
         B, H, L, _ = k.shape
+        if slot.dim() == 2:
+            slot, pos = slot[:, None, :].expand(B, H, L), pos[:, None, :].expand(B, H, L)
         rows = torch.arange(B, device=k.device)[:, None, None]
         heads = torch.arange(H, device=k.device)[None, :, None]
-        index = (rows, heads, slot[:, None, :])
+        index = (rows, heads, slot)
         self.k.index_put_(index, k.to(self.k.dtype))
         self.v.index_put_(index, v.to(self.v.dtype))
-        self.pos.index_put_(index, pos[:, None, :].expand(B, H, L))
-        self.logc.index_put_(index, torch.zeros((), dtype=self.logc.dtype, device=k.device))
+        self.pos.index_put_(index, pos)
+        for name, (dtype, _) in self.slot_state.items():
+            if name != "pos":
+                value = state.get(name, torch.zeros((), dtype=dtype, device=k.device))
+                getattr(self, name).index_put_(index, value.to(dtype).expand(B, H, L))

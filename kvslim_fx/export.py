@@ -70,13 +70,13 @@ def export(
     with torch.no_grad():
         ep = torch.export.export(
             step,
-            (example, example.bool(), *(b.clone() for b in buffers.values())),
+            (example, example.bool(), *(b.clone() for b, _ in buffers.values())),
             dynamic_shapes=(dims, dims, (None,) * len(buffers)),
             strict=False,
         )
     state = [
-        [name, list(buf.shape), str(buf.dtype).removeprefix("torch."), _fill(name)]
-        for name, buf in buffers.items()
+        [name, list(buf.shape), str(buf.dtype).removeprefix("torch."), fill]
+        for name, (buf, fill) in buffers.items()
     ]
     meta = {
         "format": FORMAT,
@@ -105,11 +105,6 @@ def export(
             inductor_configs={"aot_inductor.metadata": {"kvslim": json.dumps(meta)}},
         )
     )
-
-
-def _fill(buffer_name: str) -> int:
-    """Value of an empty cache: position -1 (empty slot), zero elsewhere."""
-    return -1 if buffer_name.endswith(".pos") else 0
 
 
 class Runner:

@@ -31,6 +31,7 @@ class KVSlimModel(nn.Module):
         self.method = method
         self.config = config
         self.logits_index = logits_index
+        self.requested_chunk = chunk_size
         self.chunk_size = chunk_size
         self.max_positions = _max_positions(config)
         # generate()'s defaults, as HF takes them from the model's generation config.
@@ -73,16 +74,27 @@ class KVSlimModel(nn.Module):
             )
         self.prompt_len = prompt_len or max_length
         slots = self.method.slots(self.prompt_len, max_length)
+        limit = self.method.max_chunk(slots)
+        if limit is not None and limit < 1:
+            raise KVSlimError(
+                f"{self.method.name}: a budget of {slots} slots leaves no room to compress; "
+                "raise the budget or lower sink/recent"
+            )
+        # A merging cache frees at most `limit` slots per step: longer chunks are split.
+        self.chunk_size = min(self.requested_chunk, limit or self.requested_chunk)
         for layer in self.layers:
             layer.allocate(batch_size, slots, self.dtype, self.device)
         if self.seen.shape != (batch_size,):
             self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.seen.zero_()
 
-    def state(self) -> dict[str, Tensor]:
-        """Mutable decoding state by buffer name: the per-row counter and each layer's cache."""
-        names = {id(buf) for layer in self.layers for buf in layer.buffers()} | {id(self.seen)}
-        return {name: buf for name, buf in self.named_buffers() if id(buf) in names}
+    def state(self) -> dict[str, tuple[Tensor, float]]:
+        """Mutable decoding state by buffer name, with each buffer's value when empty."""
+        fills = {id(self.seen): 0}
+        for layer in self.layers:
+            fills |= {id(getattr(layer, n)): fill for n, (_, fill) in layer.slot_state.items()}
+            fills |= {id(buf): 0 for buf in layer.buffers() if id(buf) not in fills}
+        return {n: (b, fills[id(b)]) for n, b in self.named_buffers() if id(b) in fills}
 
     def cache_bytes(self) -> int:
         """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""

@@ -11,6 +11,7 @@ from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import make_method
 from .model import KVSlimModel, _max_positions
+from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
 
 DEFAULT_CHUNK = 512
@@ -68,9 +69,11 @@ def transform(
     out_keys = _output_keys(gm)
     if "logits" not in out_keys:
         raise KVSlimError(f"{arch}: the traced model returns {out_keys}, not logits")
+    num_layers = getattr(config, "num_hidden_layers", 0)
     try:
-        replace_sdpa(gm, config, lambda site: LayerCache(site, algo))
-    except GraphRewriteError as err:
+        ropes = rope_facts(model, num_layers) if algo.needs_rope else [None] * num_layers
+        replace_sdpa(gm, config, lambda site: LayerCache(site, algo, ropes[site.layer]))
+    except (GraphRewriteError, UnsupportedRope) as err:
         raise KVSlimError(str(err)) from None
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if inputs != ["input_ids", "position_ids", "kv_positions"]:

@@ -119,7 +119,7 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--method", "nope"], "unknown method 'nope'; choose one of: full, streaming"),
+        (["--method", "nope"], "unknown method 'nope'; choose one of: full, kvslimmer, streaming"),
         (["--budget", "abc"], "--budget must be a number of slots"),
         (["--method", "streaming", "--budget", "2", "--sink", "2"], "budget=2 must exceed sink=2"),
         (["--temperature", "0.5"], "need --sample"),

@@ -12,7 +12,7 @@ from helpers import kv_model, prompts
 
 import kvslim_fx
 
-CASES = [("full", None), ("streaming", 40)]
+CASES = [("full", None), ("streaming", 40), ("kvslimmer", 48)]
 
 
 class CountingBackend:
@@ -31,7 +31,8 @@ class CountingBackend:
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "budget"), CASES)
 def test_compiled_decode_is_one_graph_without_recompiles(method, budget):
-    model = kv_model("llama", method, budget, chunk_size=32)
+    options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
+    model = kv_model("llama", method, budget, chunk_size=32, **options)
     ids, mask = prompts(2, 70, [0, 9], seed=6)
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=50, eos_token_id=[])
     torch._dynamo.reset()
@@ -43,5 +44,7 @@ def test_compiled_decode_is_one_graph_without_recompiles(method, budget):
     got = kvslim_fx.generate(compiled, ids, mask, max_new_tokens=50, eos_token_id=[])
     assert backend.graphs == warm, "decode recompiled after warm-up"
     assert torch.equal(got, eager)
-    # The cache crossed its budget during those 50 steps (streaming evicted) without recompiling.
+    # The cache crossed its budget during those 50 steps (evicting or merging) without recompiling.
     assert method == "full" or ids.shape[1] + 50 > budget
+    if method == "kvslimmer":
+        assert model.layers[0].merge_stats[0] > 0

@@ -13,11 +13,14 @@ from kvslim_fx import KVSlimError
 # Batch 1 matters: AOTInductor on torch 2.13 dropped a one-token step's writes to mutated
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
-    scope="module", params=[("full", None, 1), ("streaming", 40, 2)], ids=lambda p: p[0]
+    scope="module",
+    params=[("full", None, 1), ("streaming", 40, 2), ("kvslimmer", 48, 2)],
+    ids=lambda p: p[0],
 )
 def package(request, tmp_path_factory):
     method, budget, batch = request.param
-    model = kv_model("llama", method, budget, chunk_size=32)
+    options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
+    model = kv_model("llama", method, budget, chunk_size=32, **options)
     path = tmp_path_factory.mktemp("pkg") / f"{method}.pt2"
     kvslim_fx.export(model, path, batch_size=batch, max_length=160)
     return model, path, batch

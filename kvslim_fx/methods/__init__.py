@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import KVSlimError
 from .base import Method, SlotLayout
 from .full import Full
+from .kvslimmer import KVSlimmer
 from .streaming import Streaming
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, Streaming)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, Streaming, KVSlimmer)}
 
 __all__ = ["METHODS", "Method", "SlotLayout", "make_method"]
 

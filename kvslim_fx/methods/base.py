@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+from torch import Tensor
+
 from ..errors import KVSlimError
 
 # Full caches round their capacity up so that repeated generate() calls of similar lengths
@@ -25,13 +28,15 @@ class SlotLayout:
     Token number ``r`` of a row (its position) lives in slot ``r`` while ``r < sink``, else in
     ``sink + (r - sink) % ring``. ``recent > 0`` limits what a query sees to the sinks plus the
     last ``recent`` positions (StreamingLLM); ``wraps`` says that overwriting the ring is the
-    intended eviction, not an overflow.
+    intended eviction, not an overflow. ``merges``: the method's own ``update`` stores tokens
+    instead (compressing to make room), and the attention op reports per-slot mass for it.
     """
 
     sink: int
     ring: int
     recent: int
     wraps: bool
+    merges: bool = False
 
     @property
     def capacity(self) -> int:
@@ -39,10 +44,15 @@ class SlotLayout:
 
 
 class Method:
-    """Base of every method. Subclasses set ``name``, ``default_sink`` and ``layout``."""
+    """Base of every method. Subclasses set ``name``, ``default_sink`` and ``layout``.
+
+    A method whose layouts merge (``SlotLayout.merges``) also declares its per-slot state
+    (``slot_state``) and stores each step's tokens itself (``update``).
+    """
 
     name: ClassVar[str]
     default_sink: ClassVar[int] = 0
+    needs_rope: ClassVar[bool] = False
 
     def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:
         self.sink = self.default_sink if sink is None else sink
@@ -82,6 +92,18 @@ class Method:
 
     def layout(self, slots: int, window: int) -> SlotLayout:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
+        """Extra per-slot state: name → (dtype, value of an empty slot)."""
+        return {}
+
+    def max_chunk(self, slots: int) -> int | None:
+        """The longest chunk a cache of ``slots`` can take in one step (None: any)."""
+        return None
+
+    def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
+        """Store a step's tokens in ``cache`` (merging layouts only); ``mass`` as ``attend``'s."""
+        raise NotImplementedError(f"{self.name} does not merge")
 
     def options(self) -> dict:
         """The options that rebuild this method (recorded in exported packages)."""

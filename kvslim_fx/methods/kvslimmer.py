@@ -1,0 +1,201 @@
+"""``kvslimmer`` (Liu et al. 2026): merge adjacent slots with a closed-form key and value sums.
+
+Each step, after attention, the method
+
+1. updates every slot's Hessian proxy ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` (running mean over the
+   steps the slot has lived, as the reference smooths over chunks) and its average attention
+   ``score_j`` (the selection statistic), from the step's own attention mass: no second pass;
+2. if the new tokens do not fit in the empty slots, picks the ``need`` adjacent pairs (in
+   position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
+   window, one selection per layer shared by the KV heads (``per_head=True``: per head);
+3. merges them: ``k* = (A k_m + B k_n) / (A + B)``, ``A = h11 − h12``, ``B = h22 − h12``,
+   ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key rotated forward by the position gap
+   (RoPE-correct, post-RoPE storage); value sums and cardinalities add (no cap); the merged slot
+   takes the later position. Where the quadratic is not convex it falls back to the
+   score-weighted mean, and counts it (``LayerCache.merge_stats``);
+4. writes the new tokens into the freed slots.
+
+A chunk that needs several merges may select touching pairs; such a run of ``r`` selected edges
+merges its ``r + 1`` slots at once with the same quadratic summed over the run
+(``k* = Σ w_i k_i / Σ w_i``, ``w_i = h_ii − Σ_{selected edges at i} h_e``), which for one pair
+is exactly the formula above: every token stays in exactly one slot and the step frees exactly
+``need`` slots. In decode (one token per step) only single pairs are ever merged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.kvslimmer import rope_rotate
+from .base import Method, SlotLayout
+
+_SLOT_STATE = {
+    "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
+    "score": (torch.float32, 0.0),  # running mean of the slot's attention probability
+    "steps": (torch.float32, 0.0),  # steps the slot has been attended (the running means' n)
+}
+
+
+class KVSlimmer(Method):
+    """Asymmetric KV merging with the exact, forward-only Hessian; see the module docstring."""
+
+    name = "kvslimmer"
+    default_sink = 32
+    needs_rope = True
+
+    def __init__(
+        self,
+        budget: int | float | None = None,
+        sink: int | None = None,
+        recent: int = 32,
+        per_head: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(budget, sink)
+        self.recent = _non_negative("recent", recent)
+        self.per_head = bool(per_head)
+        self.eps = float(eps)
+
+    def options(self) -> dict:
+        return {**super().options(), "recent": self.recent, "per_head": self.per_head}
+
+    def layout(self, slots: int, window: int) -> SlotLayout:
+        if 0 < window <= slots:
+            # A sliding layer whose window fits the budget never needs to compress.
+            return SlotLayout(sink=0, ring=window, recent=0, wraps=True)
+        return SlotLayout(sink=0, ring=slots, recent=0, wraps=True, merges=True)
+
+    def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
+        return dict(_SLOT_STATE)
+
+    def max_chunk(self, slots: int) -> int:
+        # Mergeable edges when full: slots outside the sinks and the recent window, minus one.
+        return slots - self.sink - self.recent - 1
+
+    def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
+        C = cache.capacity
+        H = k.shape[1]
+        real = kv_pos >= 0  # [B, L]
+        queries = real.sum(1) * (cache.site.num_q_heads // H)  # query rows behind `mass`
+        # Mean attention probability of the cache's slots then the new tokens (trash slot out).
+        alpha = torch.cat([mass[..., :C], mass[..., C + 1 :]], dim=2)
+        alpha = alpha / queries.clamp_min(1)[:, None, None]  # [B, H, C + L]
+        a_old, a_new = alpha[..., :C], alpha[..., C:]
+        means = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
+        out = (alpha[..., None] * means).sum(2, keepdim=True)  # [B, H, 1, D]
+        h_now = alpha * (1 - 2 * alpha) * (means - out).norm(dim=-1)
+
+        lived = (cache.pos[:, :, :C] >= 0) & (queries > 0)[:, None, None]
+        steps = cache.steps[:, :, :C] + lived
+        n = steps.clamp_min(1)
+        cache.hess[:, :, :C] += torch.where(lived, (h_now[..., :C] - cache.hess[:, :, :C]) / n, 0)
+        cache.score[:, :, :C] += torch.where(lived, (a_old - cache.score[:, :, :C]) / n, 0)
+        cache.steps[:, :, :C] = steps
+
+        need = (real.sum(1)[:, None] - (cache.pos[:, :, :C] < 0).sum(-1)).clamp_min(0)  # [B, H]
+        self._merge(cache, need, a_old, means[:, :, :C], out)
+        cache.write_free(
+            k, v, kv_pos,
+            {"hess": h_now[..., C:], "score": a_new, "steps": real[:, None, :].float()},
+        )  # fmt: skip
+
+    def _merge(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
+        """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
+        C = cache.capacity
+        pos = cache.pos[:, :, :C]
+        order = pos.argsort(dim=-1)  # empty slots (-1) first, then by position
+        sp = pos.gather(2, order)
+        score = cache.score[:, :, :C].gather(2, order)
+
+        # Candidate edges (sorted slot i, i + 1): both occupied, left not a sink, right outside
+        # the recent window before this step's tokens.
+        newest = sp[..., -1:]
+        valid = (sp[..., :-1] >= self.sink) & (sp[..., 1:] <= newest - self.recent)
+        edge = score[..., :-1] + score[..., 1:]
+        if not self.per_head:
+            edge = edge.mean(dim=1, keepdim=True).expand_as(edge)
+        edge = torch.where(valid, edge, torch.inf)
+        rank = edge.argsort(dim=-1).argsort(dim=-1)
+        sel = valid & (rank < need[..., None])  # [B, H, C - 1]
+
+        # Runs of selected edges; the last slot of a run survives and holds the merge.
+        no = torch.zeros_like(sel[..., :1])
+        joined_left = torch.cat([no, sel], dim=-1)  # [B, H, C]: edge (i - 1, i) selected
+        joined_right = torch.cat([sel, no], dim=-1)
+        run = (~joined_left).long().cumsum(-1) - 1
+        members = torch.zeros_like(sp, dtype=torch.float32).scatter_add_(
+            2, run, torch.ones_like(sp, dtype=torch.float32)
+        )
+        merged = members.gather(2, run) > 1  # sorted slot belongs to a run being merged
+
+        a = alpha.gather(2, order)
+        m = means.gather(2, order[..., None].expand_as(means))
+        h = cache.hess[:, :, :C].gather(2, order)
+        h12 = a[..., :-1] * a[..., 1:] * (m[..., :-1, :] + m[..., 1:, :] - 2 * out).norm(dim=-1)
+        h12 = torch.where(sel, h12, 0)
+        zero = torch.zeros_like(h12[..., :1])
+        w = h - torch.cat([zero, h12], dim=-1) - torch.cat([h12, zero], dim=-1)
+
+        def run_sum(x: Tensor) -> Tensor:
+            shape = x.shape
+            idx = run if x.dim() == 3 else run[..., None].expand_as(x)
+            return torch.zeros(shape, dtype=x.dtype, device=x.device).scatter_add_(2, idx, x)
+
+        def per_slot(x: Tensor) -> Tensor:
+            idx = run if x.dim() == 3 else run[..., None].expand_as(x)
+            return x.gather(2, idx)
+
+        total = per_slot(run_sum(w))
+        scale = per_slot(run_sum(h.abs()))
+        # Not convex: a member with h <= 0, an edge with h11 h22 <= h12², or a vanishing sum.
+        bad_edge = sel & (h[..., :-1] * h[..., 1:] <= h12**2)
+        bad = merged & ((h <= 0) | torch.cat([no, bad_edge], -1) | torch.cat([bad_edge, no], -1))
+        fallback = per_slot(run_sum(bad.float())) > 0
+        fallback |= total <= self.eps * scale
+        s_total = per_slot(run_sum(score))
+        by_score = torch.where(s_total > 0, score / s_total.clamp_min(1e-30), 1 / per_slot(members))
+        weight = torch.where(fallback, by_score, w / torch.where(fallback, 1, total))
+
+        last_pos = per_slot(run_sum(torch.where(joined_right, 0, sp)))
+        keys = cache.k[:, :, :C].gather(2, order[..., None].expand_as(cache.k[:, :, :C])).float()
+        rope = cache.rope
+        if rope is not None:
+            keys = rope_rotate(keys, last_pos - sp, rope.inv_freq.to(keys.device), rope.rotary_dim)
+        k_star = per_slot(run_sum(weight[..., None] * keys))
+        card = cache.logc[:, :, :C].gather(2, order).exp()
+        c_total = per_slot(run_sum(card))
+        v_star = per_slot(run_sum(card[..., None] * m)) / c_total[..., None]
+        h_star = per_slot(run_sum(weight**2 * h))
+        score_star = per_slot(run_sum(score))
+        steps_star = cache.steps[:, :, :C].gather(2, order)
+
+        survivor = merged & ~joined_right
+        gone = merged & joined_right
+
+        def store(name: str, new: Tensor, empty: float) -> None:
+            buf = getattr(cache, name)[:, :, :C]
+            idx = order if new.dim() == 3 else order[..., None].expand_as(new)
+            cur = buf.gather(2, idx)
+            keep = survivor if new.dim() == 3 else survivor[..., None]
+            drop = gone if new.dim() == 3 else gone[..., None]
+            val = torch.where(keep, new.to(buf.dtype), torch.where(drop, empty, cur))
+            buf.scatter_(2, idx, val)
+
+        store("k", k_star, 0.0)
+        store("v", v_star, 0.0)
+        store("logc", c_total.log(), 0.0)
+        store("hess", h_star, 0.0)
+        store("score", score_star, 0.0)
+        store("steps", steps_star, 0.0)
+        store("pos", last_pos, -1)
+        cache.merge_stats[0] += (survivor.sum()).double()
+        cache.merge_stats[1] += (survivor & fallback).sum().double()
+
+
+def _non_negative(name: str, value: int) -> int:
+    from ..errors import KVSlimError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KVSlimError(f"{name} must be a non-negative integer, got {value!r}")
+    return value

@@ -1,0 +1,104 @@
+"""KVSlimmer on the cache: budget held through prefill and decode, tokens conserved, exactness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import hf_model, kv_model, prompts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvslim_fx
+from kvslim_fx import KVSlimError
+
+
+def feed(model, ids, mask, steps: int = 0) -> torch.Tensor:
+    """Prefill ``ids`` then ``steps`` greedy decode steps; returns every step's logits."""
+    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
+    with torch.no_grad():
+        logits = [model(ids, mask)]
+        for _ in range(steps):
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            logits.append(model(token, torch.ones_like(token)))
+    return torch.cat(logits, dim=1)
+
+
+def test_budget_above_sequence_is_exactly_full():
+    ids, mask = prompts(3, 90, [0, 4, 30], seed=8)
+    full = feed(kv_model("llama", "full", 128, chunk_size=32), ids, mask, steps=10)
+    slim = feed(kv_model("llama", "kvslimmer", 128, chunk_size=32, sink=4, recent=8), ids, mask, 10)
+    assert torch.equal(full, slim)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    budget=st.integers(24, 64),
+    sink=st.integers(0, 6),
+    recent=st.integers(0, 8),
+    length=st.integers(1, 140),
+    steps=st.integers(0, 12),
+    per_head=st.booleans(),
+)
+def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, steps, per_head):
+    arch = "gemma3_text"  # two sliding layers (window 16: a ring) and a merging global layer
+    model = kv_model(arch, "kvslimmer", budget, chunk_size=32, sink=sink, recent=recent,
+                     per_head=per_head)  # fmt: skip
+    ids, mask = prompts(2, length, [0, length // 4], seed=budget + length)
+    feed(model, ids, mask, steps)
+    # Same chunking as the (possibly split) kvslimmer prefill, so sinks compare bit for bit.
+    full = kv_model(arch, "full", chunk_size=model.chunk_size)
+    feed(full, ids, mask, steps)
+    consumed = mask.sum(1) + steps
+    for layer, reference in zip(model.layers, full.layers, strict=True):
+        C = layer.capacity
+        assert (16 if layer.site.window else budget) == C
+        for b in range(2):
+            for h in range(layer.site.num_kv_heads):
+                pos = layer.pos[b, h, :C]
+                occupied = pos >= 0
+                p, order = pos[occupied].sort()
+                cards = layer.logc[b, h, :C][occupied][order].exp()
+                if layer.layout.merges:
+                    # Slot j holds the tokens after slot j-1's position up to its own.
+                    covered = torch.diff(p, prepend=p.new_tensor([-1]))
+                    assert torch.allclose(cards, covered.float(), atol=1e-4)
+                    assert int(p[-1]) + 1 == int(consumed[b]) if p.numel() else consumed[b] == 0
+                    # Sinks are never merged: bit-identical to the full cache's first tokens.
+                    for j in range(min(sink, int(consumed[b]))):
+                        slot = int((pos == j).nonzero()[0])
+                        ref = int((reference.pos[b, h] == j).nonzero()[0])
+                        assert cards[j] == 1
+                        assert torch.equal(layer.k[b, h, slot], reference.k[b, h, ref])
+                        assert torch.equal(layer.v[b, h, slot], reference.v[b, h, ref])
+                else:
+                    assert torch.equal(cards, torch.ones_like(cards))
+        if layer.layout.merges and int(consumed.max()) > budget:
+            assert layer.merge_stats[0] > 0
+            assert 0 <= layer.merge_stats[1] <= layer.merge_stats[0]
+
+
+def test_decode_past_the_budget_keeps_generating_sensibly():
+    model = kv_model("llama", "kvslimmer", 40, chunk_size=16, sink=4, recent=4)
+    full = kv_model("llama", "full")
+    ids, mask = prompts(2, 30, [0, 3], seed=9)
+    out = kvslim_fx.generate(model, ids, mask, max_new_tokens=40, eos_token_id=[])
+    ref = kvslim_fx.generate(full, ids, mask, max_new_tokens=40, eos_token_id=[])
+    # Identical while everything fits, then merging starts (30 + 10 = 40 slots).
+    assert torch.equal(out[:, : 30 + 11], ref[:, : 30 + 11])
+    assert model.layers[0].merge_stats[0] > 0
+    assert int((model.layers[0].pos[:, :, :40] >= 0).sum(-1).max()) == 40
+
+
+def test_long_chunks_are_split_to_what_a_budget_can_free():
+    model = kv_model("llama", "kvslimmer", 48, chunk_size=512, sink=4, recent=8)
+    model.reset(batch_size=1, max_length=200)
+    assert model.chunk_size == 48 - 4 - 8 - 1
+    with pytest.raises(KVSlimError, match="leaves no room to compress"):
+        kv_model("llama", "kvslimmer", 12, sink=4, recent=8).reset(batch_size=1)
+
+
+def test_options_are_checked():
+    with pytest.raises(KVSlimError, match="recent must be a non-negative integer"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recent=-1)
+    with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32)
