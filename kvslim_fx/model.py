@@ -39,11 +39,10 @@ class KVSlimModel(nn.Module):
         self.pad_token_id: int | None = None
         # [B] real (non-pad) tokens seen so far per row = the next token's position.
         self.register_buffer("seen", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.prompt_len = 0
-
-    @property
-    def layers(self) -> list[LayerCache]:
-        return [m for m in self.graph.modules() if isinstance(m, LayerCache)]
+        # A plain tuple, not a ModuleList: the caches are already submodules of the graph.
+        self.layers: tuple[LayerCache, ...] = tuple(
+            m for m in graph.modules() if isinstance(m, LayerCache)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -72,8 +71,7 @@ class KVSlimModel(nn.Module):
                 f"max_length={max_length} exceeds the model's {self.max_positions} positions; "
                 "shorten the prompt or generate fewer tokens"
             )
-        self.prompt_len = prompt_len or max_length
-        slots = self.method.slots(self.prompt_len, max_length)
+        slots = self.method.slots(prompt_len or max_length, max_length)
         limit = self.method.max_chunk(slots)
         if limit is not None and limit < 1:
             raise KVSlimError(
