@@ -89,20 +89,23 @@ class LayerCache(nn.Module):
     def write_free(self, k: Tensor, v: Tensor, kv_pos: Tensor, state: dict[str, Tensor]) -> None:
         """Store the new tokens in the empty slots, lowest first (the method made enough room).
 
-        ``state`` gives the method's per-slot state of the new tokens, ``[B, H_kv, L]`` each.
+        ``kv_pos`` is ``[B, L]``, or ``[B, H_kv, L]`` when a method keeps different new tokens
+        per head (``-1``: not stored). ``state`` gives the method's per-slot state of the new
+        tokens, ``[B, H_kv, L]`` each.
         """
         C = self.capacity
+        B, H, L, _ = k.shape
         free = self.pos[:, :, :C] < 0  # [B, H, C]
         rank = free.long().cumsum(-1) - 1
         # slots_by_rank[b, h, i] = the i-th free slot (trash beyond the free ones).
         slots_by_rank = torch.full_like(self.pos, C)
         slots = torch.arange(C, device=k.device).expand_as(rank)
         slots_by_rank.scatter_(2, torch.where(free, rank, C), slots)
+        kv_pos = kv_pos if kv_pos.dim() == 3 else kv_pos[:, None, :].expand(B, H, L)
         real = kv_pos >= 0
-        token_rank = (real.long().cumsum(1) - 1).clamp_min(0)[:, None, :].expand(-1, k.shape[1], -1)
-        slot = slots_by_rank.gather(2, token_rank)
-        slot = torch.where(real[:, None, :], slot, C)
-        pos = torch.where(slot == C, -1, kv_pos[:, None, :])
+        token_rank = (real.long().cumsum(-1) - 1).clamp_min(0)
+        slot = torch.where(real, slots_by_rank.gather(2, token_rank), C)
+        pos = torch.where(slot == C, -1, kv_pos)
         self._put(slot, k, v, pos, state)
 
     def _put(

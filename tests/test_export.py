@@ -14,7 +14,7 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    params=[("full", None, 1), ("streaming", 40, 2), ("kvslimmer", 48, 2)],
+    params=[("full", None, 1), ("streaming", 40, 2), ("kvslimmer", 48, 2), ("weightedkv", 40, 1)],
     ids=lambda p: p[0],
 )
 def package(request, tmp_path_factory):

@@ -5,10 +5,16 @@ from __future__ import annotations
 from ..errors import KVSlimError
 from .base import Method, SlotLayout
 from .full import Full
+from .h2o import H2O
 from .kvslimmer import KVSlimmer
+from .snapkv import SnapKV
 from .streaming import Streaming
+from .tova import TOVA
+from .weightedkv import WeightedKV
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, Streaming, KVSlimmer)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Full, Streaming, KVSlimmer, WeightedKV, H2O, TOVA, SnapKV)
+}
 
 __all__ = ["METHODS", "Method", "SlotLayout", "make_method"]
 

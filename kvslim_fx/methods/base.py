@@ -55,9 +55,7 @@ class Method:
     needs_rope: ClassVar[bool] = False
 
     def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:
-        self.sink = self.default_sink if sink is None else sink
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise KVSlimError(f"sink must be a non-negative integer, got {self.sink!r}")
+        self.sink = non_negative("sink", self.default_sink if sink is None else sink)
         self.budget = self._check_budget(budget)
 
     def _check_budget(self, budget: int | float | None) -> int | float | None:
@@ -108,6 +106,13 @@ class Method:
     def options(self) -> dict:
         """The options that rebuild this method (recorded in exported packages)."""
         return {"budget": self.budget, "sink": self.sink}
+
+
+def non_negative(name: str, value: int) -> int:
+    """``value`` if it is a non-negative int; otherwise the one error every option gets."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KVSlimError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _round_up(n: int) -> int:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.kvslimmer import rope_rotate
-from .base import Method, SlotLayout
+from .base import Method, SlotLayout, non_negative
 
 _SLOT_STATE = {
     "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
@@ -53,7 +53,7 @@ class KVSlimmer(Method):
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
-        self.recent = _non_negative("recent", recent)
+        self.recent = non_negative("recent", recent)
         self.per_head = bool(per_head)
         self.eps = float(eps)
 
@@ -191,11 +191,3 @@ class KVSlimmer(Method):
         store("pos", last_pos, -1)
         cache.merge_stats[0] += (survivor.sum()).double()
         cache.merge_stats[1] += (survivor & fallback).sum().double()
-
-
-def _non_negative(name: str, value: int) -> int:
-    from ..errors import KVSlimError
-
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise KVSlimError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
