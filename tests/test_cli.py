@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 import kvslim_fx
 from kvslim_fx.cli import main
+from kvslim_fx.methods import METHODS
 
 UNK_TOKEN_ID = 3
 # Word "w{i}" is token i, so a decoded text reads as its token ids.
@@ -119,7 +120,10 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--method", "nope"], "unknown method 'nope'; choose one of: full, kvslimmer, streaming"),
+        (
+            ["--method", "nope"],
+            f"unknown method 'nope'; choose one of: {', '.join(sorted(METHODS))}",
+        ),
         (["--budget", "abc"], "--budget must be a number of slots"),
         (["--method", "streaming", "--budget", "2", "--sink", "2"], "budget=2 must exceed sink=2"),
         (["--temperature", "0.5"], "need --sample"),
