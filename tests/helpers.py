@@ -36,3 +36,14 @@ def hf_logits(arch: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The original model's logits over a whole (left-padded) sequence, HF position convention."""
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     return hf_model(arch)(ids, attention_mask=mask, position_ids=positions).logits
+
+
+def prefill_and_decode(model, ids, mask, steps: int = 0) -> torch.Tensor:
+    """Prefill ``ids`` then ``steps`` greedy decode steps; returns every step's logits."""
+    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
+    with torch.no_grad():
+        logits = [model(ids, mask)]
+        for _ in range(steps):
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            logits.append(model(token, torch.ones_like(token)))
+    return torch.cat(logits, dim=1)

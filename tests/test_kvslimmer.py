@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_model, kv_model, prompts
+from helpers import hf_model, kv_model, prefill_and_decode, prompts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,21 +12,12 @@ import kvslim_fx
 from kvslim_fx import KVSlimError
 
 
-def feed(model, ids, mask, steps: int = 0) -> torch.Tensor:
-    """Prefill ``ids`` then ``steps`` greedy decode steps; returns every step's logits."""
-    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
-    with torch.no_grad():
-        logits = [model(ids, mask)]
-        for _ in range(steps):
-            token = logits[-1][:, -1].argmax(-1, keepdim=True)
-            logits.append(model(token, torch.ones_like(token)))
-    return torch.cat(logits, dim=1)
-
-
 def test_budget_above_sequence_is_exactly_full():
     ids, mask = prompts(3, 90, [0, 4, 30], seed=8)
-    full = feed(kv_model("llama", "full", 128, chunk_size=32), ids, mask, steps=10)
-    slim = feed(kv_model("llama", "kvslimmer", 128, chunk_size=32, sink=4, recent=8), ids, mask, 10)
+    full = prefill_and_decode(kv_model("llama", "full", 128, chunk_size=32), ids, mask, steps=10)
+    slim = prefill_and_decode(
+        kv_model("llama", "kvslimmer", 128, chunk_size=32, sink=4, recent=8), ids, mask, 10
+    )
     assert torch.equal(full, slim)
 
 
@@ -44,10 +35,10 @@ def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, ste
     model = kv_model(arch, "kvslimmer", budget, chunk_size=32, sink=sink, recent=recent,
                      per_head=per_head)  # fmt: skip
     ids, mask = prompts(2, length, [0, length // 4], seed=budget + length)
-    feed(model, ids, mask, steps)
+    prefill_and_decode(model, ids, mask, steps)
     # Same chunking as the (possibly split) kvslimmer prefill, so sinks compare bit for bit.
     full = kv_model(arch, "full", chunk_size=model.chunk_size)
-    feed(full, ids, mask, steps)
+    prefill_and_decode(full, ids, mask, steps)
     consumed = mask.sum(1) + steps
     for layer, reference in zip(model.layers, full.layers, strict=True):
         C = layer.capacity

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import kv_model, prompts
+from helpers import kv_model, prefill_and_decode, prompts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -321,29 +321,20 @@ def test_kept_slots_match_a_direct_reference(
 # --- On a model ---------------------------------------------------------------------------------
 
 
-def feed(model, ids, mask, steps: int = 0) -> torch.Tensor:
-    """Prefill ``ids`` then ``steps`` greedy decode steps; returns every step's logits."""
-    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
-    with torch.no_grad():
-        logits = [model(ids, mask)]
-        for _ in range(steps):
-            token = logits[-1][:, -1].argmax(-1, keepdim=True)
-            logits.append(model(token, torch.ones_like(token)))
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_on_a_model_the_budget_holds_and_a_fitting_sequence_is_exactly_full(name):
     # Budget 12 < gemma3's window 16: the sliding layers evict too, under their window.
     options = {"window": 4} if name == "snapkv" else {}
     model = kv_model("gemma3_text", name, 12, chunk_size=16, **options)
     ids, mask = prompts(2, 9, [0, 3], seed=5)  # 9 + 3 decode steps fit in 12 slots
-    full = feed(kv_model("gemma3_text", "full", 12, chunk_size=16), ids, mask, steps=3)
-    assert torch.equal(feed(model, ids, mask, steps=3), full)
+    full = prefill_and_decode(
+        kv_model("gemma3_text", "full", 12, chunk_size=16), ids, mask, steps=3
+    )
+    assert torch.equal(prefill_and_decode(model, ids, mask, steps=3), full)
     assert all(layer.merge_stats[0] == 0 for layer in model.layers)
 
     ids, mask = prompts(2, 37, [0, 5], seed=2)
-    feed(model, ids, mask, steps=5)
+    prefill_and_decode(model, ids, mask, steps=5)
     consumed = (mask.sum(1) + 5).tolist()
     for layer in model.layers:
         assert layer.capacity == 12 and layer.layout.merges
