@@ -180,6 +180,8 @@ def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
                 "prefill_s": statistics.fmean(c["prefill_s"] for c in cells),
                 "decode_s": statistics.fmean(c["decode_s"] for c in cells),
                 "merges": _merge_totals(cells),
+                # Timings depend on the CPU threads the cell ran with (None: not recorded).
+                "threads": sorted({c.get("threads") for c in cells}, key=str),
             }
         )
     return rows
@@ -194,11 +196,24 @@ def _merge_totals(cells: list[dict]) -> list[float] | None:
     ]  # mean over windows of the sum over layers
 
 
+def _threads_note(rows: list[dict]) -> str:
+    counts = {t for r in rows for t in r["threads"]}
+    if len(counts) == 1:
+        return f"{counts.pop()} CPU thread(s)"
+    per_row = "; ".join(
+        f"{r['method']} {r['budget_slots'] or 'all'}: {'/'.join(map(str, r['threads']))}"
+        for r in rows
+    )
+    return (
+        f"CPU threads per window (not the same for all rows, compare timings with care): {per_row}"
+    )
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| method | budget (slots) | cache bytes kept | % of full | perplexity | Δ vs full "
-        "| per window | s / window (prefill + decode) |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| method | budget (slots) | windows | cache bytes kept | % of full | perplexity "
+        "| Δ vs full | per window | s / window (prefill + decode) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         slots = "all" if r["budget_slots"] is None else f"{r['budget_slots']}"
@@ -207,7 +222,8 @@ def table(rows: list[dict]) -> str:
         delta = "" if r["delta_vs_full"] is None else f"{r['delta_vs_full']:+.3f}"
         pct = 100 * r["cache_bytes"] / r["full_cache_bytes"]
         lines.append(
-            f"| {r['method']} | {slots} | {r['cache_bytes'] / 2**20:.1f} MiB | {pct:.1f}% "
+            f"| {r['method']} | {slots} | {r['windows']} "
+            f"| {r['cache_bytes'] / 2**20:.1f} MiB | {pct:.1f}% "
             f"| {r['perplexity']:.3f} | {delta} | "
             + ", ".join(f"{p:.3f}" for p in r["per_window"])
             + f" | {r['seconds']:.1f} ({r['prefill_s']:.1f} + {r['decode_s']:.1f}) |"
@@ -225,6 +241,8 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> bool:
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
+    # A mean over fewer windows is not comparable with the others: partial rows stay off the plot.
+    rows = [r for r in rows if r["windows"] == args.windows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["cache_bytes"] / 2**20, r["perplexity"]) for r in rows
@@ -345,15 +363,18 @@ def main(argv: list[str] | None = None) -> int:
         "decoded one token at a time. Budget = KV slots per layer (a fraction of the context). "
         "Cache bytes: K, V and per-slot metadata at capacity, against an uncompressed "
         f"cache of {args.context + args.continuation} tokens. Perplexity: mean over windows; "
-        "Δ vs full over the same windows. Seconds: wall time on "
-        f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
+        f"Δ vs full over the same windows. Seconds: wall time, torch {torch.__version__}, "
+        f"{_threads_note(rows)}.",
         "",
         text,
         "",
     ]
     merge_rows = [r for r in rows if r["merges"]]
     if merge_rows:
-        md += ["Merges (summed over layers, mean over windows):", ""]
+        md += [
+            "Merges (merged runs counted per KV head, summed over layers, mean over windows):",
+            "",
+        ]
         md += [
             f"- {r['method']} {r['budget_slots']}: {r['merges'][0]:.0f} merges, "
             f"{r['merges'][1]:.0f} fallbacks to the score-weighted mean"
