@@ -1,0 +1,645 @@
+"""NVIDIA kvpress as a peer: its presses on the same model and the same prompts as kvslim_fx.
+
+kvpress==0.5.5 needs transformers<5.3, so this script runs in its own environment, built by
+``scripts/setup-kvpress``. It reads a tasks file written by the main harness (token ids, so both
+sides see the same prompts token for token) and writes one JSON row per (press, budget, task,
+item); finished rows are kept and skipped on a rerun, so an interrupted run resumes::
+
+    scripts/setup-kvpress
+    .venv-kvpress/bin/python benchmarks/kvpress_peer.py run --tasks TASKS.json \\
+        --presses none,streaming,snapkv,tova,knorm,expected_attention,merging_tova,cam \\
+        --budgets 0.125,0.25,0.5 --threads 1 --out benchmarks/results/kvpress.json
+
+Any tasks file of the schema below works: the main harness's (``kvslim_fx.case_export``, all
+three tasks) or this script's own ``make-tasks`` (run in the main venv: the Austen windows of
+benchmarks/quality.py, same seed, optionally with reference NLLs). The full 8k perplexity sweep
+(context 8064 + continuation 128, as benchmarks/quality.py; about 1-2 min a row on 1 thread)::
+
+    .venv/bin/python benchmarks/kvpress_peer.py make-tasks --context 8064 --continuation 128 \\
+        --windows 2 --out benchmarks/results/kvpress_tasks_8k.json
+    .venv-kvpress/bin/python benchmarks/kvpress_peer.py run \\
+        --tasks benchmarks/results/kvpress_tasks_8k.json --presses none,streaming,snapkv,tova,\\
+    knorm,expected_attention,merging_tova,merging_expected_attention,cam \\
+        --budgets 0.125,0.25,0.5 --threads 1 --out benchmarks/results/kvpress.json
+
+(one process; add ``--task perplexity`` etc. to split it; rerunning skips the finished rows).
+
+Tasks file: ``{"model": str, "perplexity": [{"id", "context": [ids], "continuation": [ids]}],
+"needle": [{"id", "length", "depth", "prompt": [ids], "answer": str}], "retrieval": [same]}``;
+any list may be missing or empty (kvslim_fx.case_export.write_cases writes it). A perplexity
+item may also carry ``reference_nll`` and ``kvslim_full_nll`` (the plain HF model's and kvslim_fx
+``full``'s, from ``make-tasks --reference``): rows then record their error against them.
+
+How kvpress compresses, and so what the numbers mean:
+
+* Prefill presses (all but ``cam``) compress **once, at the end of prefill**: a forward hook after
+  each attention layer prunes that layer's cache, so the prefill's own attention still sees the
+  whole context (its last logit is the uncompressed model's, so the first continuation token
+  is scored as with no press). The prefill is one forward pass, not chunked. The continuation
+  is then teacher-forced one token at a time through the compressed cache with no press, and
+  the cache grows by one slot per token (kvpress does not compress during decoding). Token
+  ``C + j`` is predicted by the logit of token ``C + j - 1``, the first one by the last prefill
+  logit, as ``kvslim_fx.evaluate.continuation_nll``; decode steps pass the true position ids
+  (the cache is shorter than the text), as kvpress's pipeline does.
+* ``cam`` (CaM) is kvpress's decoding press: the prefill keeps everything, then every decode step
+  merges the evicted values into their kept neighbours to hold ``round(budget * prompt)`` slots.
+  Its hook too runs after attention, so the first *two* continuation (or answer) tokens are
+  predicted from the whole cache; its merges are random (``--seed`` makes a rerun identical).
+* Needle / retrieval: the whole prompt (question included) is prefilled with the press, then
+  greedy decoding of ``len(answer) + 3`` tokens (or ``--max-new-tokens``); correct iff the first
+  number in the decoded text is the answer, as the main harness scores it (``contains_answer``,
+  the answer anywhere in the text, is recorded too).
+
+``--presses`` names: ``none`` (no press: the reference, one cell at budget 1), ``streaming``,
+``snapkv``, ``tova``, ``knorm``, ``expected_attention`` (kvpress's defaults for each), any of the
+last five as ``merging_<name>`` (kvpress's MergingPress around it), and ``cam``. The budget is the
+fraction of the prompt kept: ``compression_ratio = 1 - budget``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TASKS = ("perplexity", "needle", "retrieval")
+# Our name -> kvpress ScorerPress class name; each is used with kvpress's own defaults.
+SCORERS = {
+    "streaming": "StreamingLLMPress",
+    "snapkv": "SnapKVPress",
+    "tova": "TOVAPress",
+    "knorm": "KnormPress",
+    "expected_attention": "ExpectedAttentionPress",
+}
+MERGING = "merging_"
+DECODING = ("cam",)
+NONE = "none"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAM_BASE = "tova"  # CaM scores by attention; TOVA is kvpress's last-query attention scorer
+COMPRESSION_NOTE = (
+    "kvpress compresses the KV cache once, at the end of prefill (a hook after each attention "
+    "layer; the prefill's own attention sees the whole prompt, unchunked); the continuation or "
+    "answer is then decoded through the compressed cache with no press, the cache growing by one "
+    "slot per token. Exception: cam is a decoding press (no compression at prefill, then every "
+    "decode step merges down to the budget)."
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure python: names, tasks, rows (tested without kvpress).
+
+
+def parse_presses(text: str) -> list[str]:
+    """Comma-separated press names, validated (no kvpress import needed)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {NONE, *SCORERS, *(MERGING + s for s in SCORERS), *DECODING}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown presses {unknown}; known: {sorted(known)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_budgets(text: str) -> list[float]:
+    budgets = [float(b) for b in text.split(",") if b.strip()]
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise ValueError(f"budgets are fractions of the prompt in (0, 1), got {text!r}")
+    return budgets
+
+
+def compression_ratio(budget: float) -> float:
+    # Rounded: 1 - 0.1 is 0.9000000000000000222, and the ratio lands in keys and the table.
+    return round(1.0 - budget, 12)
+
+
+def cells(presses: list[str], budgets: list[float]) -> list[tuple[str, float]]:
+    """(press, budget fraction) pairs; ``none`` is a single cell at budget 1."""
+    return [
+        (p, 1.0) if p == NONE else (p, b)
+        for p in presses
+        for b in ([1.0] if p == NONE else budgets)
+    ]
+
+
+def load_tasks(path: Path, only: list[str] | None = None) -> dict[str, list[dict]]:
+    """The task lists of a tasks file (missing lists are empty), checked for the fields used."""
+    data = json.loads(Path(path).read_text())
+    need = {
+        "perplexity": ("id", "context", "continuation"),
+        "needle": ("id", "prompt", "answer"),
+        "retrieval": ("id", "prompt", "answer"),
+    }
+    tasks: dict[str, list[dict]] = {}
+    for task in only or TASKS:
+        items = data.get(task) or []
+        for item in items:
+            missing = [k for k in need[task] if k not in item]
+            if missing:
+                raise ValueError(f"{path}: a {task} item lacks {missing}: {str(item)[:80]}")
+        ids = [str(item["id"]) for item in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: {task} ids are not unique")
+        tasks[task] = items
+    tasks["_model"] = data.get("model")  # type: ignore[assignment]
+    return tasks
+
+
+def item_digest(task: str, item: dict) -> str:
+    """Digest of what the model sees (token ids, answer): a changed item is a new cell."""
+    keys = ("context", "continuation") if task == "perplexity" else ("prompt", "answer")
+    blob = json.dumps([item[k] for k in keys], separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def row_key(press: str, budget: float, task: str, item_id: str, digest: str, dtype: str) -> str:
+    return f"{press}|budget={budget:g}|{task}|{item_id}|{digest}|{dtype}"
+
+
+def exact_match(output: str, answer: str) -> bool:
+    """The main harness's metric (kvslim_fx.retrieval.exact_match): the *first* number in
+    ``output`` is exactly ``answer``, so listing several numbers or a longer number is wrong."""
+    first = re.search(r"\d+", output)
+    return first is not None and first.group() == answer
+
+
+def contains_answer(output: str, answer: str) -> bool:
+    """The looser metric, kept beside it: the answer string appears anywhere in ``output``."""
+    return answer.strip() in output
+
+
+def answer_tokens(answer: str, max_new_tokens: int | None) -> int:
+    """Tokens to generate: ``max_new_tokens``, or the main harness's ``len(answer) + 3``."""
+    return max_new_tokens if max_new_tokens is not None else len(answer) + 3
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"meta": {}, "runs": [], "rows": []}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a kill mid-write never loses finished rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (press, budget, task): mean perplexity over items, or accuracy."""
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["press"], r["budget_fraction"], r["task"]), []).append(r)
+    order = {
+        name: i
+        for i, name in enumerate([NONE, *SCORERS, *(MERGING + s for s in SCORERS), *DECODING])
+    }
+    out = []
+    for (press, budget, task), rs in sorted(
+        groups.items(), key=lambda kv: (TASKS.index(kv[0][2]), order.get(kv[0][0], 99), kv[0][1])
+    ):
+        line = {
+            "press": press,
+            "budget_fraction": budget,
+            "task": task,
+            "items": len(rs),
+            "cache_bytes": statistics.fmean(r["cache_bytes"] for r in rs),
+            "full_cache_bytes": statistics.fmean(r["full_cache_bytes"] for r in rs),
+            "seconds": statistics.fmean(r["prefill_s"] + r["decode_s"] for r in rs),
+        }
+        if task == "perplexity":
+            line["perplexity"] = statistics.fmean(math.exp(statistics.fmean(r["nll"])) for r in rs)
+        else:
+            line["accuracy"] = statistics.fmean(float(r["correct"]) for r in rs)
+        out.append(line)
+    return out
+
+
+def table(lines: list[dict]) -> str:
+    md = [
+        "| press | budget | task | items | cache kept | % of full | perplexity / accuracy "
+        "| s / item |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in lines:
+        pct = 100 * s["cache_bytes"] / s["full_cache_bytes"]
+        score = f"{s['perplexity']:.3f}" if "perplexity" in s else f"{100 * s['accuracy']:.0f}%"
+        md.append(
+            f"| {s['press']} | {s['budget_fraction']:g} | {s['task']} | {s['items']} "
+            f"| {s['cache_bytes'] / 2**20:.2f} MiB | {pct:.1f}% "
+            f"| {score} | {s['seconds']:.1f} |"
+        )
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model side (plain transformers: runs with any press-like context manager, or none).
+
+PressFn = Callable[[Any], contextlib.AbstractContextManager] | None
+
+
+def _press_context(press: PressFn, model: Any) -> contextlib.AbstractContextManager:
+    return press(model) if press is not None else contextlib.nullcontext()
+
+
+def cache_bytes(cache: Any) -> tuple[int, int]:
+    """``(bytes, slots of layer 0)`` of the K and V tensors a DynamicCache holds now."""
+    total, slots = 0, 0
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None:
+            continue
+        total += keys.nbytes + values.nbytes
+        if i == 0:
+            slots = keys.shape[-2]
+    return total, slots
+
+
+def full_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
+    """What an uncompressed cache of ``tokens`` holds: K and V, every layer and KV head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * tokens * torch.empty((), dtype=dtype).element_size()
+
+
+def _info(start: float, prefill_s: float, kept: tuple[int, int], cache: Any) -> dict:
+    end = cache_bytes(cache)
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": time.perf_counter() - start - prefill_s,
+        "cache_bytes_prefill": kept[0],
+        "cache_slots_prefill": kept[1],
+        # Prefill presses: grown by one slot per fed token since; cam: held at the budget.
+        "cache_bytes_end": end[0],
+        "cache_slots_end": end[1],
+    }
+
+
+def _step(model: Any, token: int, cache: Any, position: int, device: torch.device) -> torch.Tensor:
+    # position_ids: after compression the cache is shorter than the text, and HF would otherwise
+    # derive the new token's RoPE position from the cache length.
+    out = model(
+        input_ids=torch.tensor([[token]], device=device),
+        past_key_values=cache,
+        position_ids=torch.tensor([[position]], device=device),
+        use_cache=True,
+    )
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: Any,
+    context: list[int],
+    continuation: list[int],
+    prefill_press: PressFn = None,
+    decode_press: PressFn = None,
+) -> tuple[torch.Tensor, dict]:
+    """Per-token NLL ``[len(continuation)]`` (float32), and timings and cache bytes after prefill.
+
+    ``prefill_press`` is active during the one-pass prefill of ``context``, ``decode_press``
+    while the continuation is teacher-forced one token per call (the last one is never fed).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    start = time.perf_counter()
+    with _press_context(prefill_press, model):
+        # logits_to_keep=1: only the last prefill logit is used ([C, vocab] fp32 is 1.6 GB at 8k).
+        last = model(
+            input_ids=torch.tensor([context], device=device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+    prefill_s = time.perf_counter() - start
+    kept = cache_bytes(cache)
+    nll = []
+    with _press_context(decode_press, model):
+        for j, token in enumerate(continuation):
+            # float32 log_softmax: a bf16 model's logits would lose the NLL's small differences.
+            nll.append(-torch.log_softmax(last.float(), dim=-1)[0, token])
+            if j + 1 < len(continuation):
+                last = _step(model, token, cache, len(context) + j, device)
+    info = _info(start, prefill_s, kept, cache)
+    return torch.stack(nll).cpu(), info
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Any,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos: set[int],
+    prefill_press: PressFn = None,
+    decode_press: PressFn = None,
+) -> tuple[list[int], dict]:
+    """Greedy token ids after ``prompt`` (stopping after an EOS id), and timings and cache bytes."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    start = time.perf_counter()
+    with _press_context(prefill_press, model):
+        last = model(
+            input_ids=torch.tensor([prompt], device=device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+    prefill_s = time.perf_counter() - start
+    kept = cache_bytes(cache)
+    out: list[int] = []
+    with _press_context(decode_press, model):
+        while True:
+            token = int(last[0].argmax())
+            out.append(token)
+            if token in eos or len(out) >= max_new_tokens:
+                break
+            last = _step(model, token, cache, len(prompt) + len(out) - 1, device)
+    info = _info(start, prefill_s, kept, cache)
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------
+# kvpress side.
+
+
+def make_press(name: str, budget: float, prompt_len: int) -> tuple[PressFn, PressFn]:
+    """``(prefill_press, decode_press)`` for one cell; kvpress is imported only here."""
+    if name == NONE:
+        return None, None
+    import kvpress
+
+    ratio = compression_ratio(budget)
+    if name in SCORERS:
+        return getattr(kvpress, SCORERS[name])(compression_ratio=ratio), None
+    if name.startswith(MERGING):
+        inner = getattr(kvpress, SCORERS[name.removeprefix(MERGING)])(compression_ratio=ratio)
+        return kvpress.MergingPress(press=inner), None
+    if name == "cam":
+        # Every step (interval 1), so the cache holds the budget from the first decode step on,
+        # as a decode-time kvslim_fx method would; target = the same slots as the other presses.
+        press = kvpress.CAMPress(
+            base_press=getattr(kvpress, SCORERS[CAM_BASE])(),
+            compression_interval=1,
+            target_size=max(1, round(budget * prompt_len)),
+        )
+        return None, press
+    raise ValueError(f"unknown press {name!r}")
+
+
+def load_model(path: Path, dtype: torch.dtype) -> Any:
+    """The checkpoint at ``path`` under this venv's transformers (older than kvslim_fx's).
+
+    The folder is written by transformers 5.x; a 4.x would ignore its ``rope_parameters`` and
+    silently fall back to RoPE base 10000, so the base is carried over here, at load time.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((path / "config.json").read_text())
+    config = AutoConfig.from_pretrained(path)
+    rope = raw.get("rope_parameters") or {}
+    if "rope_theta" in rope and not hasattr(config, "rope_parameters"):
+        config.rope_theta = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            config.rope_scaling = dict(rope)
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, attn_implementation="sdpa", **kw
+    )
+    return model.eval()
+
+
+def metadata(args: argparse.Namespace, model: Any) -> dict:
+    from importlib.metadata import version
+
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "kvpress": version("kvpress"),
+        "transformers": version("transformers"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "model": str(args.model),
+        "tasks": str(args.tasks),
+        "tasks_sha1": hashlib.sha1(Path(args.tasks).read_bytes()).hexdigest()[:16],
+        "dtype": args.dtype,
+        "attn_implementation": model.config._attn_implementation,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "compression": COMPRESSION_NOTE,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from transformers import AutoTokenizer
+
+    tasks = load_tasks(args.tasks, args.tasks_only)
+    log(f"loading {args.model} ({args.dtype})")
+    model = load_model(args.model, DTYPES[args.dtype])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    out = Path(args.out)
+    results = load_results(out)
+    results["meta"] = metadata(args, model)
+    results["runs"].append(results["meta"])
+    done = {r["key"] for r in results["rows"]}
+    dtype = DTYPES[args.dtype]
+
+    for press_name, budget in cells(args.presses, args.budgets):
+        for task in TASKS:
+            for item in tasks.get(task, []):
+                digest = item_digest(task, item)
+                key = row_key(press_name, budget, task, str(item["id"]), digest, args.dtype)
+                if key in done:
+                    continue
+                prompt = item["context"] if task == "perplexity" else item["prompt"]
+                prefill_press, decode_press = make_press(press_name, budget, len(prompt))
+                # cam draws its merges at random (torch.bernoulli): seeded per row to rerun alike.
+                torch.manual_seed(args.seed)
+                row: dict[str, Any] = {
+                    "key": key,
+                    "press": press_name,
+                    "budget_fraction": budget,
+                    "compression_ratio": 0.0 if press_name == NONE else compression_ratio(budget),
+                    "task": task,
+                    "id": str(item["id"]),
+                    "item_sha1": digest,
+                    "prompt_tokens": len(prompt),
+                    "phase": "decode" if decode_press is not None else "prefill",
+                    "press_repr": repr(decode_press or prefill_press),
+                }
+                if task == "perplexity":
+                    nll, info = continuation_nll(
+                        model, prompt, item["continuation"], prefill_press, decode_press
+                    )
+                    row["nll"] = [round(float(x), 6) for x in nll]
+                    row["mean_nll"] = float(nll.double().mean())
+                    row["perplexity"] = math.exp(row["mean_nll"])
+                    full_tokens = len(prompt)
+                    for name in ("reference", "kvslim_full"):
+                        if f"{name}_nll" not in item:
+                            continue
+                        # How far from the uncompressed NLL: ~1e-7 for `none` validates the loop.
+                        ref = torch.tensor(item[f"{name}_nll"], dtype=torch.float64)
+                        row[f"{name}_mean_nll"] = float(ref.mean())
+                        row[f"{name}_mean_nll_rel_err"] = abs(
+                            row["mean_nll"] / float(ref.mean()) - 1
+                        )
+                        row[f"{name}_max_abs_nll_err"] = float((nll.double() - ref).abs().max())
+                    msg = f"ppl {row['perplexity']:.3f}"
+                else:
+                    ids, info = greedy_decode(
+                        model,
+                        prompt,
+                        answer_tokens(item["answer"], args.max_new_tokens),
+                        eos_ids,
+                        prefill_press,
+                        decode_press,
+                    )
+                    row["output"] = tokenizer.decode(ids, skip_special_tokens=True)
+                    row["answer"] = item["answer"]
+                    row["correct"] = exact_match(row["output"], item["answer"])
+                    row["contains_answer"] = contains_answer(row["output"], item["answer"])
+                    for extra in ("length", "depth"):
+                        if extra in item:
+                            row[extra] = item[extra]
+                    full_tokens = len(prompt)
+                    msg = f"{'correct' if row['correct'] else 'wrong'}: {row['output']!r}"
+                row |= info
+                # The bytes the press holds the cache to: after prefill for a prefill press, at
+                # the end for cam (which only compresses while decoding).
+                decoding = decode_press is not None
+                row["cache_bytes"] = info["cache_bytes_end" if decoding else "cache_bytes_prefill"]
+                row["cache_slots"] = info["cache_slots_end" if decoding else "cache_slots_prefill"]
+                row["full_cache_bytes"] = full_cache_bytes(model.config, full_tokens, dtype)
+                row["threads"] = torch.get_num_threads()
+                row["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+                results["rows"].append(row)
+                done.add(key)
+                save_results(out, results)
+                log(
+                    f"{press_name} budget={budget:g} {task} {item['id']}: {msg} "
+                    f"({info['prefill_s']:.1f} + {info['decode_s']:.1f} s, "
+                    f"{row['cache_slots']} slots kept)"
+                )
+    save_results(out, results)
+    wanted = {(p, b) for p, b in cells(args.presses, args.budgets)}
+    rows = [r for r in results["rows"] if (r["press"], r["budget_fraction"]) in wanted]
+    print(table(summarize(rows)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# make-tasks: runs in the main venv (kvslim_fx), a stopgap until the main harness writes tasks.
+
+
+def make_tasks(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from kvslim_fx.evaluate import austen_windows, reference_nll
+    from kvslim_fx.evaluate import continuation_nll as kv_nll
+    from kvslim_fx.models import load_default_model, resolve_model
+    from kvslim_fx.transform import transform
+
+    hf, tokenizer = load_default_model()
+    windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
+    full = transform(hf, "full") if args.reference else None
+    items = []
+    for i, window in enumerate(windows):
+        ids = window[0].tolist()
+        item = {
+            "id": f"window-{i}",
+            "context": ids[: args.context],
+            "continuation": ids[args.context :],
+        }
+        if args.reference:
+            # The plain HF model in one forward pass, and kvslim_fx's full cache step by step.
+            item["reference_nll"] = [float(x) for x in reference_nll(hf, window, args.context)]
+            item["kvslim_full_nll"] = [float(x) for x in kv_nll(full, window, args.context)]
+        items.append(item)
+    tasks = {"model": str(resolve_model(None)), "perplexity": items, "needle": [], "retrieval": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(tasks) + "\n")
+    log(f"wrote {len(items)} perplexity item(s) to {args.out}")
+    return 0
+
+
+def default_model() -> Path:
+    root = os.environ.get("KVSLIM_FX_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "kvslim_fx"
+    return base / "models" / "smollm2-135m-instruct"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run kvpress presses on a tasks file (in .venv-kvpress)")
+    r.add_argument("--tasks", type=Path, required=True, help="tasks JSON from the main harness")
+    r.add_argument("--model", type=Path, default=default_model(), help="HF checkpoint folder")
+    r.add_argument("--presses", default="none,streaming,snapkv,tova,knorm,expected_attention")
+    r.add_argument(
+        "--budgets", default="0.25", help="fractions of the prompt kept, comma-separated"
+    )
+    r.add_argument("--task", dest="tasks_only", action="append", choices=TASKS, help="only these")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    r.add_argument(
+        "--max-new-tokens", type=int, default=None, help="greedy answer length (len(answer) + 3)"
+    )
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--seed", type=int, default=0, help="torch seed set before each row")
+    r.add_argument("--out", default="benchmarks/results/kvpress.json", help="results JSON")
+    m = sub.add_parser("make-tasks", help="Austen perplexity windows as a tasks file (main venv)")
+    m.add_argument("--context", type=int, default=8064)
+    m.add_argument("--continuation", type=int, default=128)
+    m.add_argument("--windows", type=int, default=2)
+    m.add_argument("--seed", type=int, default=0, help="window seed (as benchmarks/quality.py)")
+    m.add_argument("--reference", action="store_true", help="add the HF and kvslim_fx full NLL")
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.command == "run":
+        try:
+            args.presses = parse_presses(args.presses)
+            args.budgets = parse_budgets(args.budgets)
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(args) if args.command == "run" else make_tasks(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
