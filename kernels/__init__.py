@@ -3,4 +3,4 @@
 Knows nothing about models or methods. Importing this package registers every op.
 """
 
-from . import attention  # noqa: F401  (registers kvslim::attend)
+from . import attention, pair_merge  # noqa: F401  (register every kvslim:: op)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .attention_triton import attend_triton
 
-__all__ = ["attend", "attend_reference"]
+__all__ = ["attend", "attend_reference", "attend_sdpa"]
 
 
 def _visible(q_pos: Tensor, k_pos: Tensor, window: int, sink: int, recent: int) -> Tensor:
@@ -92,6 +92,81 @@ def attend_reference(
     return out, mass
 
 
+def attend_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attend_reference` on PyTorch's fused CPU attention (what the op runs on CPU).
+
+    The reference materialises the ``[B, H_q, L, C + L]`` probabilities several times; the fused
+    kernel never does (~4x faster at 8k slots). The cache and the new tokens are attended as two
+    parts merged by their log-sum-exps, so the cache is never copied to append the step's keys;
+    the query heads of a KV group fold into the query axis, so keys are never repeated either.
+    The mass, when asked for, is ``Σ exp(s − lse)`` from the kernel's own log-sum-exp: one
+    matmul and one ``exp`` over the scores, no softmax and no second matmul.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg = _dense_rows(q, q.dtype).reshape(B, Hkv, G * L, D)
+    new_pos = q_pos[:, None, :].expand(B, Hkv, L)
+    parts = [
+        (cache_k, cache_v, cache_logc.float(), cache_pos),
+        (k, v, torch.zeros(B, Hkv, L, device=q.device), new_pos),
+    ]
+    parts = [p for p in parts if p[0].shape[2] > 0]
+    outs, lses, biases = [], [], []
+    for keys, vals, logc, k_pos in parts:
+        vis = _visible(q_pos[:, None, :, None], k_pos[:, :, None, :], window, sink, recent)
+        bias = torch.where(vis, logc[:, :, None, :], -torch.inf)  # [B, Hkv, L, N]
+        # Each query head of the group uses its KV head's mask: [B, Hkv, G * L, N].
+        bias = bias[:, :, None].expand(B, Hkv, G, L, bias.shape[-1]).reshape(B, Hkv, G * L, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, _dense_rows(keys, q.dtype), _dense_rows(vals, q.dtype), 0.0, False,
+            attn_mask=bias, scale=scale,
+        )  # fmt: skip
+        # A query that sees nothing in a part gets lse 0 from the kernel, not -inf.
+        seen = vis.any(-1)[:, :, None].expand(B, Hkv, G, L).reshape(B, Hkv, G * L)
+        outs.append(out.float())
+        lses.append(torch.where(seen, lse, -torch.inf))
+        biases.append(bias)
+    lse = torch.stack(lses)  # [parts, B, Hkv, G * L]
+    top = lse.amax(0)
+    top = torch.where(torch.isfinite(top), top, 0)
+    w = torch.exp(lse - top)
+    total = w.sum(0)
+    w = w / total.clamp_min(1e-30)
+    out = sum(w[i, ..., None] * o for i, o in enumerate(outs))
+    out = out.reshape(B, Hq, L, D).to(q.dtype)
+    if not return_mass:
+        return out, q.new_zeros(0, dtype=torch.float32)
+    # Rows that see nothing get lse +inf, so their probabilities are exactly 0.
+    lse_all = torch.where(total > 0, top + total.log(), torch.inf)[..., None]
+    mass = [
+        torch.exp(torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale + bias - lse_all)
+        .sum(2)
+        for (keys, *_), bias in zip(parts, biases, strict=True)
+    ]  # fmt: skip
+    return out, torch.cat(mass, dim=2)
+
+
+def _dense_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` with unit stride along its last axis (the fused kernel's assumption)."""
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 @torch.library.triton_op("kvslim::attend", mutates_args=())
 def attend(
     q: Tensor,
@@ -112,4 +187,6 @@ def attend(
     args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
     if q.is_cuda:
         return attend_triton(*args, return_mass=return_mass)
+    if q.device.type == "cpu":
+        return attend_sdpa(*args, return_mass=return_mass)
     return attend_reference(*args, return_mass=return_mass)

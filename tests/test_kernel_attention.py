@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvslim_fx.kernels import attention_triton
-from kvslim_fx.kernels.attention import attend_reference
+from kvslim_fx.kernels.attention import attend_reference, attend_sdpa
 from kvslim_fx.kernels.attention_triton import attend_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,6 +118,34 @@ def test_triton_matches_reference(
     out2, no_mass = attend_triton(*args, scale, window, sink, recent, return_mass=False)
     assert no_mass.shape == (0,) and no_mass.dtype == torch.float32
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="PyTorch's fused CPU attention path")
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    H_kv=st.integers(1, 3),
+    G=st.integers(1, 3),
+    L=st.integers(1, 9),
+    C=st.integers(0, 20),
+    D=st.sampled_from([4, 8, 16]),
+    window=st.sampled_from([0, 0, 1, 2, 3, 6]),
+    sink=st.integers(0, 4),
+    recent=st.sampled_from([0, 0, 1, 2, 4, 8]),
+    noncontig=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sdpa_path_matches_reference(B, H_kv, G, L, C, D, window, sink, recent, noncontig, seed):
+    """The CPU path equals the reference, pads and an empty cache included."""
+    args = _make_inputs(B, H_kv, G, L, C, D, seed, noncontig=noncontig)
+    want, want_mass = attend_reference(*args, 0.4, window, sink, recent, return_mass=True)
+    out, mass = attend_sdpa(*args, 0.4, window, sink, recent, return_mass=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mass, want_mass, atol=1e-5, rtol=1e-5)
+    _assert_valid_mass(mass, args[-1], G)
+    op_out, no_mass = torch.ops.kvslim.attend(*args, 0.4, window, sink, recent, False)
+    assert no_mass.shape == (0,)
+    torch.testing.assert_close(op_out, out, atol=0, rtol=0)
 
 
 @needs_triton

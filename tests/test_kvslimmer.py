@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import kvslim_fx
 from kvslim_fx import KVSlimError
+from kvslim_fx.methods.kvslimmer import KVSlimmer
 
 
 def test_budget_above_sequence_is_exactly_full():
@@ -66,6 +67,34 @@ def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, ste
         if layer.layout.merges and int(consumed.max()) > budget:
             assert layer.merge_stats[0] > 0
             assert 0 <= layer.merge_stats[1] <= layer.merge_stats[0]
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(
+    config=st.sampled_from([("llama", 24, 4, 2, False), ("gpt2", 30, 0, 0, True)]),
+    length=st.integers(14, 40),
+    seed=st.integers(0, 99),
+)
+def test_decode_pair_merge_equals_the_general_merge(config, length, seed):
+    """Decode's two-slot fast path leaves the cache bit-identical to the general run merge."""
+    arch, budget, sink, recent, per_head = config
+    model = kv_model(arch, "kvslimmer", budget, chunk_size=16, sink=sink, recent=recent,
+                     per_head=per_head)  # fmt: skip
+    ids, mask = prompts(2, length, [0, length // 3], seed=seed)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        logits = prefill_and_decode(model, ids, mask, steps=12)
+        return logits, {n: buf.clone() for n, buf in model.named_buffers()}
+
+    fast_logits, fast = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVSlimmer, "_merge_pair", KVSlimmer._merge)
+        general_logits, general = run()
+    assert torch.equal(fast_logits, general_logits)
+    assert fast.keys() == general.keys()
+    for name, buf in fast.items():
+        assert torch.equal(buf, general[name]), name
+    assert model.layers[0].merge_stats[0] > 0
 
 
 def test_decode_past_the_budget_keeps_generating_sensibly():

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.kvslimmer import rope_rotate
+from ..kernels.pair_merge import pair_costs
 from .base import Method, SlotLayout, non_negative
 
 _SLOT_STATE = {
@@ -94,28 +95,46 @@ class KVSlimmer(Method):
         cache.steps[:, :, :C] = steps
 
         need = (real.sum(1)[:, None] - (cache.pos[:, :, :C] < 0).sum(-1)).clamp_min(0)  # [B, H]
-        self._merge(cache, need, a_old, means[:, :, :C], out)
+        # Decode frees at most one slot: merging one pair touches two slots, not the cache.
+        merge = self._merge_pair if k.shape[2] == 1 else self._merge
+        merge(cache, need, a_old, means[:, :, :C], out)
         cache.write_free(
             k, v, kv_pos,
             {"hess": h_now[..., C:], "score": a_new, "steps": real[:, None, :].float()},
         )  # fmt: skip
 
+    def _edges(self, cache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        C = cache.capacity
+        return pair_costs(
+            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head
+        )
+
+    def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
+        """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
+
+        Same arithmetic as a run of two in :meth:`_merge`, so decode is bit-identical to it; the
+        freed (earlier) slot is emptied for the new token that :meth:`update` writes next.
+        """
+        C = cache.capacity
+        first, second, ok = torch.ops.kvslim.select_pair(
+            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head
+        )
+        do = ok & (need > 0)
+        rope = cache.rope
+        fallback = torch.ops.kvslim.merge_pair(
+            cache.k, cache.v, cache.logc, cache.pos, cache.hess, cache.score, cache.steps,
+            alpha, out[:, :, 0], first, second, do,
+            None if rope is None else rope.inv_freq.to(cache.k.device),
+            0 if rope is None else rope.rotary_dim, self.eps,
+        )  # fmt: skip
+        cache.merge_stats[0] += do.sum().double()
+        cache.merge_stats[1] += fallback.sum().double()
+
     def _merge(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
         C = cache.capacity
-        pos = cache.pos[:, :, :C]
-        order = pos.argsort(dim=-1)  # empty slots (-1) first, then by position
-        sp = pos.gather(2, order)
-        score = cache.score[:, :, :C].gather(2, order)
-
-        # Candidate edges (sorted slot i, i + 1): both occupied, left not a sink, right outside
-        # the recent window before this step's tokens.
-        newest = sp[..., -1:]
-        valid = (sp[..., :-1] >= self.sink) & (sp[..., 1:] <= newest - self.recent)
-        edge = score[..., :-1] + score[..., 1:]
-        if not self.per_head:
-            edge = edge.mean(dim=1, keepdim=True).expand_as(edge)
-        edge = torch.where(valid, edge, torch.inf)
+        order, sp, score, edge = self._edges(cache)
+        valid = torch.isfinite(edge)
         rank = edge.argsort(dim=-1).argsort(dim=-1)
         sel = valid & (rank < need[..., None])  # [B, H, C - 1]
 
