@@ -3,4 +3,4 @@
 Knows nothing about models or methods. Importing this package registers every op.
 """
 
-from . import attention, pair_merge  # noqa: F401  (register every kvslim:: op)
+from . import attention, eviction, pair_merge  # noqa: F401  (register every kvslim:: op)

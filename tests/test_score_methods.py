@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kvslim_fx import KVSlimError
 from kvslim_fx.cache import AttentionSite, LayerCache
 from kvslim_fx.methods import make_method
-from kvslim_fx.methods.weightedkv import fold_right
+from kvslim_fx.methods.scoring import fold_right
 
 METHODS = ("weightedkv", "h2o", "tova", "snapkv")
 
@@ -316,6 +316,83 @@ def test_kept_slots_match_a_direct_reference(
                         assert cache.steps[b, h, s] == entry["steps"]
             if not method.per_head:
                 assert torch.equal(cache.pos[b, 0], cache.pos[b, 1])
+
+
+# --- Decode fast path (kvslim::evict_one) against the general path ---------------------------
+
+
+def random_cache(method, budget, window, per_head, seed, B=2, HKV=2, D=8) -> tuple:
+    """A cache in a state decoding could reach, and the next token's position: mostly full,
+    distinct positions below it, accumulators from a few values (ties); with ``per_head=False``
+    every head has the same layout, as that method keeps it."""
+    g = torch.Generator().manual_seed(seed)
+    cache = layer_cache(method, budget, B, 2 * HKV, HKV, D, window)
+    nxt = budget + int(torch.randint(0, 2 * budget, (1,), generator=g))
+    for b in range(B):
+        for h in range(HKV):
+            if not per_head and h:
+                cache.pos[b, h] = cache.pos[b, 0]
+                continue
+            full = bool(torch.rand(1, generator=g) < 0.8)
+            n = budget if full else int(torch.randint(0, budget, (1,), generator=g))
+            slots = torch.randperm(budget, generator=g)[:n]
+            cache.pos[b, h, slots] = torch.randperm(nxt, generator=g)[:n]
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    real = cache.pos >= 0
+    for name in method.slot_state():
+        values = torch.tensor([0.0, 0.5, 1.0, 3.0])[torch.randint(0, 4, real.shape, generator=g)]
+        getattr(cache, name).copy_(torch.where(real, values, 0.0))
+    return cache, nxt
+
+
+def by_position(cache: LayerCache, b: int, h: int) -> dict[int, list]:
+    """Position → the slot's key, value and accumulators."""
+    state = [cache.k, cache.v, *(getattr(cache, n) for n in cache.method.slot_state())]
+    return {p: [x[b, h, s].tolist() for x in state] for p, s in slot_of(cache, b, h).items()}
+
+
+@pytest.mark.parametrize("name", METHODS)
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    budget=st.integers(2, 10),
+    sink=st.integers(0, 3),
+    recent=st.integers(0, 4),
+    per_head=st.booleans(),
+    kernel=st.sampled_from([1, 3, 5]),
+    sliding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_fast_path_equals_the_general_path(
+    name, budget, sink, recent, per_head, kernel, sliding, seed
+):
+    sink = min(sink, budget - 1)
+    recent = min(max(recent, int(name == "weightedkv")), budget - sink)
+    options = {"window": recent, "kernel": kernel} if name == "snapkv" else {"recent": recent}
+    method = make_method(name, budget, sink=sink, per_head=per_head, **options)
+    forced = make_method(name, budget, sink=sink, per_head=per_head, **options)
+    forced._evict_one = forced._evict  # the general path, even for one token
+    window = budget + 2 if sliding else 0
+    fast, nxt = random_cache(method, budget, window, per_head, seed)
+    general, _ = random_cache(forced, budget, window, per_head, seed)
+    g = torch.Generator().manual_seed(seed)
+    B, HKV, C = 2, 2, budget
+    for t in range(nxt, nxt + 3):
+        k, v = torch.randn(B, HKV, 1, 8, generator=g), torch.randn(B, HKV, 1, 8, generator=g)
+        kv_pos = torch.tensor([[t], [t if torch.rand(1, generator=g) < 0.7 else -1]])
+        # Mass from a few values (ties, zero weights), none for empty slots or a pad.
+        levels = torch.tensor([0.0, 0.25, 0.5, 1.0])
+        mass = levels[torch.randint(0, 4, (B, HKV, C + 2), generator=g)]
+        mass[..., :C] *= fast.pos[..., :C] >= 0
+        mass[..., C] = 0
+        mass[..., C + 1] *= kv_pos >= 0
+        for cache in (fast, general):
+            cache.method.update(cache, k, v, kv_pos, mass)
+        assert torch.equal(fast.pos[..., :C], general.pos[..., :C])  # even the same slots
+        for b in range(B):
+            for h in range(HKV):
+                assert by_position(fast, b, h) == by_position(general, b, h)
+        assert torch.equal(fast.merge_stats, general.merge_stats)
 
 
 # --- On a model ---------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Score-based eviction, shared by ``h2o``, ``tova``, ``snapkv`` and ``weightedkv``.
 
-These methods differ only in the score that ranks tokens (and, for WeightedKV, in what happens
-to a dropped token's value). Each step, after attention, :meth:`ScoreMethod.update` looks at the
-cache's ``C`` slots and the step's ``L`` new tokens as one set of ``N = C + L`` entries, in
-position order (slots are unordered in memory, so the order comes from sorting positions):
+These methods differ only in the score that ranks tokens (and, for WeightedKV, in the weights
+that fold a dropped token's value into its right neighbour). Each step, after attention,
+:meth:`ScoreMethod.update` looks at the cache's ``C`` slots and the step's ``L`` new tokens as
+one set of ``N = C + L`` entries:
 
 1. Statistics per entry, from the attention op's ``mass`` (summed over the step's queries and
    the query heads of the KV group): ``mass`` itself, ``seen`` (how many of the step's queries
@@ -15,19 +15,31 @@ position order (slots are unordered in memory, so the order comes from sorting p
    newest positions (``pos <= newest - recent``, the step's new tokens included). New tokens
    are candidates too, as in the reference H2O and TOVA code, which evict from the cache after
    appending the new token. So a chunk of any length fits once ``sink + recent <= budget``.
-   ``per_head=False`` ranks by the score averaged over the KV heads, one selection per layer.
-   On a sliding-window layer (window larger than the budget) a token that has left the window
-   is never seen again, so it goes first. Ties go to the oldest entry.
-3. :meth:`ScoreMethod.fold` may use the dropped entries (WeightedKV merges their values into
-   their right neighbours); eviction methods just forget them.
-4. Dropped slots are emptied and the kept new tokens go to the free slots
-   (``LayerCache.write_free`` with per-head positions: a dropped new token is never stored).
-   ``LayerCache.merge_stats[0]`` counts the dropped tokens (merged ones, for WeightedKV).
+   ``per_head=False`` ranks by the score summed over the KV heads (``head_total``: the mean's
+   ranking), one selection per layer; every head then holds the same positions in the same
+   slots. On a sliding-window layer (window larger than the budget) a token that has left the
+   window is never seen again, so it goes first. Ties go to the oldest entry.
+3. With :meth:`ScoreMethod.fold_weight` (WeightedKV), each run of dropped entries (adjacent in
+   position order) is folded into the first kept entry to its right, with weights ``∝`` the
+   fold weight (:func:`fold_right`); eviction methods just forget the dropped entries.
+4. Dropped slots are emptied and the kept new tokens go to the free slots, lowest first; a
+   dropped new token is never stored. ``LayerCache.merge_stats`` counts the dropped tokens
+   (merged ones, for WeightedKV) and the folds that fell back to uniform weights.
+
+Two paths compute exactly the same result:
+
+* **decode** (one new token, a static ``L == 1``): at most one entry goes, so the step is
+  ``kvslim::evict_one`` (``kernels/eviction.py``): an ``O(C)`` argmin over scalars, an ``O(C)``
+  reduction for the right neighbour, and writes to the two or three slots that change. The
+  accumulators get ``O(C)`` elementwise updates. Only a score that looks at neighbours in
+  position order (``positional``: SnapKV's pooling) sorts the ``C + 1`` positions first.
+* **general** (a chunk, or a symbolic chunk length as in the exported package's single graph):
+  the entries are sorted by position (slots are unordered in memory), ranked by a second sort,
+  and the cache's values and slot state are rewritten as a whole: ``O(N log N)`` scalars and
+  ``O(N·D)`` values.
 
 Shapes: ``[B, H_kv, N]`` per entry, ``[B, H_kv, N, D]`` for values. Everything is static-shape
 tensor code (no host sync), so the update runs inside ``torch.compile(fullgraph=True)``.
-Cost: one sort of ``N`` positions and one of ``N`` scores per step, ``O(N)`` statistics; the
-step's ``seen`` counts compare ``N`` positions with ``L`` queries.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..kernels.eviction import head_total
 from .base import Method, SlotLayout, non_negative
 
 _ACCUMULATORS = {
@@ -48,13 +61,15 @@ _ACCUMULATORS = {
 
 @dataclass(frozen=True)
 class Step:
-    """One step's entries (cached slots, then new tokens) in position order, ``[B, H_kv, N]``.
+    """One step's entries (cached slots, then new tokens), ``[B, H_kv, N]`` each.
 
-    ``acc`` and ``steps`` include this step; for a method that does not keep them as slot state
-    they are this step's ``mass`` and ``seen``.
+    In position order, except in the decode path of a method whose score is elementwise (not
+    ``positional``), which scores the entries in slot order. ``acc`` and ``steps`` include this
+    step; for a method that does not keep them as slot state they are this step's ``mass`` and
+    ``seen``.
     """
 
-    pos: Tensor  # int64 position, -1 = empty slot or pad (sorted first)
+    pos: Tensor  # int64 position, -1 = empty slot or pad
     mass: Tensor  # attention mass received this step
     seen: Tensor  # this step's queries that could see the entry
     acc: Tensor  # mass received over the entry's lifetime
@@ -66,12 +81,15 @@ class ScoreMethod(Method):
     """Keep a budget of slots by dropping the lowest :meth:`score`; see the module docstring.
 
     Subclasses set ``name``, ``score`` and optionally ``accumulators`` (the lifetime statistics
-    kept as slot state), ``default_recent``, ``default_per_head`` and ``fold``.
+    kept as slot state), ``default_recent``, ``default_per_head``, ``positional`` and
+    ``fold_weight``.
     """
 
     default_sink = 4
     default_per_head: ClassVar[bool] = True
     accumulators: ClassVar[tuple[str, ...]] = ()
+    # The score of an entry depends on its neighbours in position order (not elementwise).
+    positional: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -108,56 +126,161 @@ class ScoreMethod(Method):
         return None if self.sink + self.recent_for(slots) <= slots else 0
 
     def score(self, step: Step) -> Tensor:  # pragma: no cover - abstract
-        """``[B, H_kv, N]`` importance of each entry (position order); the lowest are dropped."""
+        """``[B, H_kv, N]`` importance of each entry; the lowest are dropped."""
         raise NotImplementedError
 
-    def fold(self, cache, v: Tensor, order: Tensor, drop: Tensor, step: Step) -> Tensor:
-        """Use the dropped entries before they go; returns the new tokens' values to store.
-
-        ``order [B, H, N]`` sorts the entries (slots, then new tokens) by position; ``drop`` and
-        ``step`` are in that order. Eviction forgets the dropped entries.
-        """
-        return v
+    def fold_weight(self, step: Step) -> Tensor | None:
+        """``[B, H_kv, N]`` non-negative weights for folding dropped values rightwards; None:
+        dropped entries are forgotten (eviction)."""
+        return None
 
     def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
         C = cache.capacity
         B, H, L, _ = k.shape
-        new_pos = kv_pos[:, None, :].expand(B, H, L)
-        pos = torch.cat([cache.pos[:, :, :C], new_pos], dim=2)  # [B, H, N]
+        pos = torch.cat([cache.pos[:, :, :C], kv_pos[:, None, :].expand(B, H, L)], dim=2)
         mass = torch.cat([mass[..., :C], mass[..., C + 1 :]], dim=2)  # trash slot out
         seen = _seen(pos, kv_pos, cache.site.window)
         lifetime = {"acc": mass, "steps": seen}
         for name in self.accumulators:
             lifetime[name] = lifetime[name] + _pad(getattr(cache, name)[:, :, :C], L)
+        # A symbolic length (export's one graph for every chunk length) is not known to be 1.
+        if isinstance(L, int) and L == 1:
+            self._evict_one(cache, k, v, kv_pos, pos, mass, seen, lifetime)
+        else:
+            self._evict(cache, k, v, kv_pos, pos, mass, seen, lifetime)
 
-        order = pos.argsort(dim=-1, stable=True)  # empty slots and pads first
-        sp = pos.gather(2, order)
-        newest = sp[..., -1:]
-        eligible = (sp >= self.sink) & (sp <= newest - self.recent_for(C))
-        step = Step(
-            sp, mass.gather(2, order), seen.gather(2, order),
-            lifetime["acc"].gather(2, order), lifetime["steps"].gather(2, order), eligible,
+    def _step(
+        self,
+        C: int,
+        pos: Tensor,
+        mass: Tensor,
+        seen: Tensor,
+        lifetime: dict[str, Tensor],
+        order: Tensor | None = None,
+    ) -> Step:
+        """The :class:`Step` of the entries (``[B, H, N]`` each), gathered by ``order`` if given."""
+        if order is not None:
+            pos, mass, seen = (x.gather(2, order) for x in (pos, mass, seen))
+            lifetime = {name: x.gather(2, order) for name, x in lifetime.items()}
+        newest = pos.amax(dim=-1, keepdim=True)
+        eligible = (pos >= self.sink) & (pos <= newest - self.recent_for(C))
+        return Step(pos, mass, seen, lifetime["acc"], lifetime["steps"], eligible)
+
+    def _evict_one(
+        self,
+        cache,
+        k: Tensor,
+        v: Tensor,
+        kv_pos: Tensor,
+        pos: Tensor,
+        mass: Tensor,
+        seen: Tensor,
+        lifetime: dict[str, Tensor],
+    ) -> None:
+        """Decode: drop at most one entry with ``kvslim::evict_one``; see the module docstring."""
+        C = cache.capacity
+        if self.positional:  # scored in position order, handed to the op in slot order
+            order = pos.argsort(dim=-1, stable=True)
+            step = self._step(C, pos, mass, seen, lifetime, order)
+            score, weight = self.score(step), self.fold_weight(step)
+            score = torch.empty_like(score).scatter_(2, order, score)
+            if weight is not None:
+                weight = torch.empty_like(weight).scatter_(2, order, weight)
+        else:
+            step = self._step(C, pos, mass, seen, lifetime)
+            score, weight = self.score(step), self.fold_weight(step)
+        slot, drop, fallback = torch.ops.kvslim.evict_one(
+            cache.k, cache.v, cache.pos, k, v, kv_pos, score, weight,
+            self.sink, self.recent_for(C), cache.site.window, self.per_head,
         )  # fmt: skip
-        score = self.score(step)
-        if cache.site.window > 0:
-            score = torch.where(newest - sp >= cache.site.window, -torch.inf, score)
-        if not self.per_head:
-            score = score.mean(dim=1, keepdim=True).expand_as(score)
-        need = ((pos >= 0).sum(-1, keepdim=True) - C).clamp_min(0)  # [B, H, 1]
-        ranked = torch.where(eligible, score, torch.inf).argsort(dim=-1, stable=True)
-        rank = torch.empty_like(ranked).scatter_(2, ranked, _arange_like(ranked))
-        drop = eligible & (rank < need)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        heads = torch.arange(k.shape[1], device=k.device)[None, :]
+        for name in self.accumulators:
+            state = getattr(cache, name)
+            state[:, :, :C] = lifetime[name][..., :C]
+            state.index_put_((rows, heads, slot), lifetime[name][..., C])
+        cache.merge_stats[0] += (drop >= 0).sum().double()
+        cache.merge_stats[1] += fallback.sum().double()
 
-        v = self.fold(cache, v, order, drop, step)
+    def _evict(
+        self,
+        cache,
+        k: Tensor,
+        v: Tensor,
+        kv_pos: Tensor,
+        pos: Tensor,
+        mass: Tensor,
+        seen: Tensor,
+        lifetime: dict[str, Tensor],
+    ) -> None:
+        """Any chunk: rank every entry in position order; see the module docstring."""
+        C = cache.capacity
+        B, H, L, _ = k.shape
+        order = pos.argsort(dim=-1, stable=True)  # empty slots and pads first
+        step = self._step(C, pos, mass, seen, lifetime, order)
+        sp = step.pos
+        score = self.score(step)
+        if not self.per_head:
+            score = head_total(score).expand_as(score)
+        if cache.site.window > 0:
+            score = torch.where(sp[..., -1:] - sp >= cache.site.window, -torch.inf, score)
+        need = ((pos >= 0).sum(-1, keepdim=True) - C).clamp_min(0)  # [B, H, 1]
+        ranked = torch.where(step.eligible, score, torch.inf).argsort(dim=-1, stable=True)
+        rank = torch.empty_like(ranked).scatter_(2, ranked, _arange_like(ranked))
+        drop = step.eligible & (rank < need)
+
+        weight = self.fold_weight(step)
+        if weight is not None:
+            v = _fold(cache, v, order, drop, weight)
         dropped = torch.zeros_like(drop).scatter_(2, order, drop)  # back to slot order
         gone = dropped[..., :C]
         cache.pos[:, :, :C].masked_fill_(gone, -1)
         for name in self.accumulators:
             getattr(cache, name)[:, :, :C] = torch.where(gone, 0.0, lifetime[name][..., :C])
         cache.merge_stats[0] += drop.sum().double()
-        kept_pos = torch.where(dropped[..., C:], -1, new_pos)
+        kept_pos = torch.where(dropped[..., C:], -1, kv_pos[:, None, :].expand(B, H, L))
         state = {name: lifetime[name][..., C:] for name in self.accumulators}
         cache.write_free(k, v, kept_pos, state)
+
+
+def _fold(cache, v: Tensor, order: Tensor, drop: Tensor, weight: Tensor) -> Tensor:
+    """Fold the dropped entries' values rightwards (in the cache, and in the new tokens' values
+    ``v [B, H, L, D]``, which are returned); ``order``, ``drop`` and ``weight`` as in ``_evict``.
+    """
+    C = cache.capacity
+    values = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
+    index = order[..., None].expand_as(values)
+    merged, fallback = fold_right(values.gather(2, index), weight, drop)
+    merged = torch.empty_like(merged).scatter_(2, index, merged).to(cache.v.dtype)
+    cache.v[:, :, :C] = merged[:, :, :C]
+    cache.merge_stats[1] += fallback.sum().double()
+    return merged[:, :, C:]
+
+
+def fold_right(values: Tensor, weight: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold each run of dropped entries into the first kept entry to its right.
+
+    ``values [B, H, N, D]``, ``weight [B, H, N]`` (non-negative), ``drop [B, H, N]``, all in
+    position order; every dropped entry must have a kept entry to its right. Returns the values
+    with each receiving entry replaced by ``Σ w_i v_i / Σ w_i`` over its run and itself (uniform
+    weights where that sum is 0; other entries unchanged, bit for bit) and the receiving entries
+    that used the uniform fallback.
+    """
+    kept = ~drop
+    # Run id = number of kept entries before: a run of dropped entries shares its receiver's id.
+    run = kept.long().cumsum(-1) - kept.long()
+
+    def run_total(x: Tensor) -> Tensor:
+        idx = run if x.dim() == 3 else run[..., None].expand_as(x)
+        return torch.zeros_like(x).scatter_add_(2, idx, x).gather(2, idx)
+
+    members = run_total(torch.ones_like(weight))
+    total = run_total(weight)
+    receiving = kept & (members > 1)
+    fallback = receiving & (total <= 0)
+    w = torch.where(total > 0, weight / torch.where(total > 0, total, 1), 1 / members)
+    folded = run_total(w[..., None] * values)
+    return torch.where(receiving[..., None], folded, values), fallback
 
 
 def _seen(pos: Tensor, q_pos: Tensor, window: int) -> Tensor:

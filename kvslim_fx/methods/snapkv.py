@@ -32,6 +32,7 @@ class SnapKV(ScoreMethod):
     """Pooled observation-window attention + the window itself; see the module docstring."""
 
     name = "snapkv"
+    positional = True  # max-pooled over neighbours in position order
 
     def __init__(
         self,

@@ -2,8 +2,9 @@
 
 Score: the attention the step's newest query gives each token, averaged over the layer's heads
 (the reference ``TOVACache`` averages over heads and selects once per layer:
-``per_head=False``). The new token itself is a candidate, and no recent window protects
-anything by default (``recent=0``; the sinks are kept).
+``per_head=False``; ranked by the sum over heads, which orders like the mean). The new token
+itself is a candidate, and no recent window protects anything by default (``recent=0``; the
+sinks are kept).
 
 Approximation: the attention op reports mass summed over the step's queries, so for a chunk of
 ``L > 1`` tokens the score is each token's mean attention over the chunk's queries that could

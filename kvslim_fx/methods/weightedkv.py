@@ -16,7 +16,9 @@ maximal run of adjacent dropped slots folds into the first kept slot to its righ
 A chunk's own tokens outside the recent window are candidates too (``scoring``), so a long
 prefill chunk holds the budget by folding within itself as well.
 Weights of a run whose ``ā`` all vanish fall back to uniform (counted in
-``LayerCache.merge_stats[1]``; ``merge_stats[0]`` counts the merged slots).
+``LayerCache.merge_stats[1]``; ``merge_stats[0]`` counts the merged slots). The folding itself is
+``scoring``'s (``fold_right``; in decode, ``kvslim::evict_one``: an ``O(C)`` argmin and
+neighbour search, then one ``O(D)`` merge, no sort); this file gives the score and the weights.
 
 Default ``recent``: half the budget is mergeable, the rest is sinks + recent, as in the paper's
 configurations (budget 1024, 4 sinks → 508 recent; 256 → 124), and at least 1: the newest
@@ -25,7 +27,6 @@ token has no right neighbour.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..errors import KVSlimError
@@ -57,43 +58,10 @@ class WeightedKV(ScoreMethod):
     def score(self, step: Step) -> Tensor:
         return average(step)
 
-    def fold(self, cache, v: Tensor, order: Tensor, drop: Tensor, step: Step) -> Tensor:
-        C = cache.capacity
-        values = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
-        index = order[..., None].expand_as(values)
-        merged, fallback = fold_right(values.gather(2, index), average(step), drop)
-        merged = torch.empty_like(merged).scatter_(2, index, merged).to(cache.v.dtype)
-        cache.v[:, :, :C] = merged[:, :, :C]
-        cache.merge_stats[1] += fallback.sum().double()
-        return merged[:, :, C:]
+    def fold_weight(self, step: Step) -> Tensor:
+        return average(step)
 
 
 def average(step: Step) -> Tensor:
     """``ā = acc / steps``: the historical average attention (0 for a slot never seen)."""
     return step.acc / step.steps.clamp_min(1)
-
-
-def fold_right(values: Tensor, weight: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
-    """Fold each run of dropped entries into the first kept entry to its right.
-
-    ``values [B, H, N, D]``, ``weight [B, H, N]`` (non-negative), ``drop [B, H, N]``, all in
-    position order; every dropped entry must have a kept entry to its right. Returns the values
-    with each receiving entry replaced by ``Σ w_i v_i / Σ w_i`` over its run and itself (uniform
-    weights where that sum is 0; other entries unchanged, bit for bit) and the receiving entries
-    that used the uniform fallback.
-    """
-    kept = ~drop
-    # Run id = number of kept entries before: a run of dropped entries shares its receiver's id.
-    run = kept.long().cumsum(-1) - kept.long()
-
-    def run_total(x: Tensor) -> Tensor:
-        idx = run if x.dim() == 3 else run[..., None].expand_as(x)
-        return torch.zeros_like(x).scatter_add_(2, idx, x).gather(2, idx)
-
-    members = run_total(torch.ones_like(weight))
-    total = run_total(weight)
-    receiving = kept & (members > 1)
-    fallback = receiving & (total <= 0)
-    w = torch.where(total > 0, weight / torch.where(total > 0, total, 1), 1 / members)
-    folded = run_total(w[..., None] * values)
-    return torch.where(receiving[..., None], folded, values), fallback
