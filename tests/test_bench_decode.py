@@ -1,0 +1,149 @@
+"""benchmarks/decode.py's pure helpers: rows, budgets, warm-up shapes, roofline and report.
+
+No timing is measured or asserted here; the timings live in the benchmark's results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+_spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
+decode = importlib.util.module_from_spec(_spec)
+sys.modules["bench_decode"] = decode  # dataclasses look their module up while it loads
+_spec.loader.exec_module(decode)
+
+
+def test_budgets_are_slots_or_fractions():
+    assert decode.parse_budget("2048") == 2048
+    assert isinstance(decode.parse_budget("2048"), int)
+    assert decode.parse_budget("0.25") == 0.25
+    assert decode.parse_budget("25%") == 0.25
+    assert decode.parse_budget("1.0") == 1.0  # a fraction: the whole context
+    for bad in ("0", "1.5", "150%"):
+        with pytest.raises(ValueError):
+            decode.parse_budget(bad)
+    assert decode.budget_label(2048) == "2048"
+    assert decode.budget_label(0.25) == "25%"
+
+
+def test_rows_cover_hf_full_and_every_method_budget_and_mode():
+    rows = decode.all_rows(["streaming", "h2o"], [2048, 0.25], ["compile", "eager"])
+    names = [r.name for r in rows]
+    assert names[:5] == ["hf-eager", "hf-static-compile", "full-eager", "full-compile", "full-aoti"]
+    assert "streaming-2048-compile" in names
+    assert "h2o-25%-eager" in names
+    assert len(names) == 5 + 2 * 2 * 2
+    row = rows[names.index("h2o-25%-eager")]
+    assert (row.method, row.mode, row.slots(8192)) == ("h2o", "eager", 2048)
+    assert rows[names.index("streaming-2048-compile")].slots(512) == 2048
+
+
+def test_row_patterns_select_in_order_and_reject_typos():
+    rows = decode.all_rows(["streaming", "kvslimmer"], [2048], ["compile"])
+    picked = decode.select_rows(rows, "full-*,hf-eager")
+    assert [r.name for r in picked] == ["hf-eager", "full-eager", "full-compile", "full-aoti"]
+    assert decode.select_rows(rows, None) == rows
+    with pytest.raises(ValueError, match="match no row"):
+        decode.select_rows(rows, "hf-eager,stremaing-*")
+
+
+def test_a_budget_holding_the_whole_sequence_is_skipped():
+    row = decode.Row("streaming-2048-compile", "kvslim", "streaming", 2048, "compile")
+    assert decode.skip_reason(row, 512, 64) is not None
+    assert decode.skip_reason(row, 2048, 64) is None
+    assert decode.skip_reason(decode.Row("hf-eager", "hf-eager"), 512, 64) is None
+
+
+def test_warmup_covers_every_prefill_chunk_length():
+    assert decode.warmup_lengths(600, 512) == [512, 88]
+    assert decode.warmup_lengths(1024, 512) == [512]
+    assert decode.warmup_lengths(64, 512) == [64]
+
+
+def test_kv_bytes_read_grow_with_the_sequence_up_to_the_capacity():
+    # Two layers of 10 bytes per slot: one grows, one holds at most 4 slots.
+    layers = [(10, None), (10, 4)]
+    # Steps attend over context + t cached tokens and their own: 3, then 4 tokens.
+    assert decode.kv_read_bytes(layers, context=2, steps=2) == ((30 + 30) + (40 + 40)) / 2
+    assert decode.kv_read_bytes([(10, 4)], context=100, steps=3) == 40
+
+
+def test_roofline_is_floor_over_measured_time():
+    r = decode.roofline(weight_bytes=6e9, kv_bytes=4e9, bandwidth_gbs=100.0, step_s=0.2)
+    assert r["floor_s"] == pytest.approx(0.1)
+    assert r["roofline"] == pytest.approx(0.5)
+
+
+def test_weights_read_count_a_tied_embedding_once_and_skip_an_untied_one():
+    hf = decode.tiny_model(512)  # untied: the input embedding is only gathered, row by row
+    emb = hf.get_input_embeddings().weight
+    nbytes = {id(p): p.numel() * p.element_size() for p in hf.parameters()}
+    assert decode.weights_read_bytes(hf) == sum(nbytes.values()) - nbytes[id(emb)]
+    hf.get_output_embeddings().weight = emb  # tied: the head reads the one matrix whole
+    unique = {id(p): p.numel() * p.element_size() for p in hf.parameters()}
+    assert len(unique) == len(nbytes) - 1
+    assert decode.weights_read_bytes(hf) == sum(unique.values())
+
+
+def _cell(row: str, tps: float, **extra) -> dict:
+    return {
+        "row": row,
+        "context": 512,
+        "batch": 1,
+        "status": "ok",
+        "tokens_per_s": tps,
+        "step_median_s": 1 / tps,
+        "prefill_s": 0.5,
+        "peak_mem_bytes": 2**20,
+        "cache_bytes": 2**20,
+        "full_cache_bytes": 2**22,
+        "weight_bytes": 1000,
+        "kv_read_bytes": 0.0,
+        "recompiles": 0,
+        **extra,
+    }
+
+
+def test_report_ratios_and_failed_rows():
+    cells = [
+        _cell("hf-eager", 10.0),
+        _cell("hf-static-compile", 20.0),
+        _cell("full-compile", 30.0),
+        {
+            "row": "snapkv-25%-compile",
+            "context": 512,
+            "batch": 1,
+            "status": "error",
+            "error": "KVSlimError: no | room",
+        },
+        {
+            "row": "streaming-2048-compile",
+            "context": 512,
+            "batch": 1,
+            "status": "skipped",
+            "reason": "budget 2048 ≥ sequence 576",
+        },
+        _cell("full-eager", 5.0, batch=8),  # no HF row at batch 8: no ratio
+    ]
+    decode.add_ratios(cells)
+    decode.add_roofline(cells, bandwidth_gbs=1e-6)  # 1000 bytes at 1 kB/s: a 1 s floor
+    assert cells[2]["vs_hf_eager"] == pytest.approx(3.0)
+    assert cells[2]["vs_hf_static"] == pytest.approx(1.5)
+    assert cells[5]["vs_hf_eager"] is None
+    assert cells[3]["vs_hf_eager"] is None
+    assert cells[2]["floor_s"] == pytest.approx(1.0)
+    assert cells[2]["roofline"] == pytest.approx(30.0)
+    text = decode.table(cells)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(cells)
+    # Every line has the same number of columns, failed ones included (a | in the error is
+    # escaped so it does not open a column).
+    assert len({line.count("|") for line in lines}) == 1
+    assert "error: KVSlimError: no / room" in text
+    assert "skipped: budget 2048" in text
+    assert "| 3.00× | 1.50× |" in text
