@@ -147,8 +147,7 @@ def attend_sdpa(
     w = torch.exp(lse - top)
     total = w.sum(0)
     w = w / total.clamp_min(1e-30)
-    out = sum(w[i, ..., None] * o for i, o in enumerate(outs))
-    out = out.reshape(B, Hq, L, D).to(q.dtype)
+    out = (torch.stack(outs) * w[..., None]).sum(0).reshape(B, Hq, L, D).to(q.dtype)
     if not return_mass:
         return out, q.new_zeros(0, dtype=torch.float32)
     # Rows that see nothing get lse +inf, so their probabilities are exactly 0.
@@ -187,6 +186,8 @@ def attend(
     args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
     if q.is_cuda:
         return attend_triton(*args, return_mass=return_mass)
-    if q.device.type == "cpu":
+    # With a symbolic step length (an exported package's prefill) the fused kernel's strides
+    # make torch.export emit guards no length range satisfies; such graphs use the reference.
+    if q.device.type == "cpu" and not isinstance(q.shape[2], torch.SymInt):
         return attend_sdpa(*args, return_mass=return_mass)
     return attend_reference(*args, return_mass=return_mass)

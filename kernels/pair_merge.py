@@ -4,9 +4,10 @@ A slot cache is unordered in memory; "adjacent" means adjacent in position order
 most one slot must be freed per step, so the step needs one pair, and merging it touches two
 slots: ``O(C)`` scalar work to choose, ``O(D)`` to merge, instead of rewriting the cache.
 
-* ``kvslim::select_pair(pos, score, sink, recent, per_head) -> (first, second, ok)``: the pair
-  of slots with the lowest ``score_i + score_{i+1}`` (position order; averaged over the KV heads
-  unless ``per_head``), outside the sinks and the recent window (:func:`pair_costs`).
+* ``kvslim::select_pair(pos, score, sink, recent, per_head, gamma) -> (first, second, ok)``:
+  the pair of slots with the lowest ``score_i + score_{i+1}`` (position order; averaged over the
+  KV heads unless ``per_head``; times the reference code's recency factor ``exp(-j/γ)`` when
+  ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
 * ``kvslim::merge_pair(k, v, logc, pos, hess, score, steps, alpha, out, first, second, do,
   inv_freq, rotary_dim, eps) -> fallback``: where ``do``, slot ``second`` becomes the merge and
   slot ``first`` is emptied (in place). The merged key is the closed-form
@@ -36,7 +37,7 @@ EMPTY = {"k": 0.0, "v": 0.0, "logc": 0.0, "pos": -1, "hess": 0.0, "score": 0.0, 
 
 
 def pair_costs(
-    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool
+    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The slots in position order and the cost of merging each adjacent pair.
 
@@ -47,7 +48,9 @@ def pair_costs(
         ``order [B, H, C]`` (slot of the ``i``-th lowest position, empty slots first), the
         sorted positions and scores, and ``edge [B, H, C - 1]``: ``score_i + score_{i+1}``
         (averaged over heads unless ``per_head``), ``inf`` where the pair may not merge (an
-        empty slot, a sink on the left, the right one inside the recent window).
+        empty slot, a sink on the left, the right one inside the recent window). ``gamma > 0``
+        divides pair ``j`` (``j``-th occupied slot on the left) by ``exp(j/γ)``, the reference
+        code's recency factor: later pairs look cheaper.
     """
     order = pos.argsort(dim=-1)
     sp = pos.gather(2, order)
@@ -55,19 +58,22 @@ def pair_costs(
     newest = sp[..., -1:]
     valid = (sp[..., :-1] >= sink) & (sp[..., 1:] <= newest - recent)
     edge = ss[..., :-1] + ss[..., 1:]
+    if gamma > 0:
+        j = torch.arange(edge.shape[-1], device=pos.device) - (sp < 0).sum(-1, keepdim=True)
+        edge = edge * torch.exp(-j.float() / gamma)
     if not per_head:
         edge = edge.mean(dim=1, keepdim=True).expand_as(edge)
     return order, sp, ss, torch.where(valid, edge, torch.inf)
 
 
 def select_pair_reference(
-    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool
+    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``first, second [B, H]`` int64 slots of the cheapest pair; ``ok [B, H]``: one exists.
 
     Ties go to the lowest positions. Without a valid pair ``first``/``second`` are arbitrary.
     """
-    order, _, _, edge = pair_costs(pos, score, sink, recent, per_head)
+    order, _, _, edge = pair_costs(pos, score, sink, recent, per_head, gamma)
     best = edge.argmin(dim=-1, keepdim=True)  # [B, H, 1]
     ok = torch.isfinite(edge.gather(2, best))
     return order.gather(2, best)[..., 0], order.gather(2, best + 1)[..., 0], ok[..., 0]
@@ -160,12 +166,12 @@ def merge_pair_reference(
 
 @torch.library.triton_op("kvslim::select_pair", mutates_args=())
 def select_pair(
-    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool
+    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
     if pos.is_cuda:
-        return select_pair_triton(pos, score, sink, recent, per_head)
-    return select_pair_reference(pos, score, sink, recent, per_head)
+        return select_pair_triton(pos, score, sink, recent, per_head, gamma)
+    return select_pair_reference(pos, score, sink, recent, per_head, gamma)
 
 
 @torch.library.triton_op(

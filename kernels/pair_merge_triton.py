@@ -24,7 +24,7 @@ _SLOT_BITS = 24  # slots per layer < 2**24; positions < 2**39 fit beside them in
 
 
 @triton.jit
-def _sorted_edges(pos_ptr, score_ptr, order_ptr, sp_n, ss_n, offs, C, sink, recent):
+def _sorted_edges(pos_ptr, score_ptr, order_ptr, sp_n, ss_n, offs, C, sink, recent, gamma):
     """One head's slots in position order (``idx``), their successors and edge costs."""
     in_c = offs < C
     has_next = offs + 1 < C
@@ -37,6 +37,9 @@ def _sorted_edges(pos_ptr, score_ptr, order_ptr, sp_n, ss_n, offs, C, sink, rece
     edge = tl.load(score_ptr + idx * ss_n, mask=in_c, other=0.0) + tl.load(
         score_ptr + nxt * ss_n, mask=has_next, other=0.0
     )
+    if gamma > 0:
+        empty = tl.sum((in_c & (p < 0)).to(tl.int32), 0)
+        edge = edge * tl.exp(-(offs - empty).to(tl.float32) / gamma)
     return idx, nxt, edge, valid
 
 
@@ -50,7 +53,7 @@ def _pick(values, offs, at):
 def _select_pair(
     pos_ptr, score_ptr, order_ptr, first_ptr, second_ptr, ok_ptr,
     sp_b, sp_h, sp_n, ss_b, ss_h, ss_n,
-    H, C, sink, recent,
+    H, C, sink, recent, gamma,
     PER_HEAD: tl.constexpr, SLOT_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -68,14 +71,14 @@ def _select_pair(
         for h in range(H):
             _, _, edge, _ = _sorted_edges(
                 pos_ptr + b * sp_b + h * sp_h, score_ptr + b * ss_b + h * ss_h,
-                order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent,
+                order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent, gamma,
             )  # fmt: skip
             total += edge
         total = total / H
     for h in range(H):
         idx, nxt, edge, valid = _sorted_edges(
             pos_ptr + b * sp_b + h * sp_h, score_ptr + b * ss_b + h * ss_h,
-            order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent,
+            order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent, gamma,
         )  # fmt: skip
         cost = tl.where(valid, edge if PER_HEAD else total, float("inf"))
         best = tl.argmin(cost, 0)
@@ -85,7 +88,7 @@ def _select_pair(
 
 
 def select_pair_triton(
-    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool
+    pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of ``select_pair_reference`` (same arguments, same results)."""
     B, H, C = pos.shape
@@ -96,7 +99,7 @@ def select_pair_triton(
     ok = torch.empty((B, H), dtype=torch.int8, device=pos.device)
     torch.library.wrap_triton(_select_pair)[(B,)](
         pos, score, order, first, second, ok, *pos.stride(), *score.stride(),
-        H, C, int(sink), int(recent),
+        H, C, int(sink), int(recent), float(gamma),
         PER_HEAD=bool(per_head), SLOT_BITS=_SLOT_BITS, BLOCK=BLOCK,
     )  # fmt: skip
     return first, second, ok.bool()

@@ -54,17 +54,18 @@ def _cache(B: int, H: int, C: int, D: int, seed: int, shared: bool) -> dict[str,
     sink=st.integers(0, 5),
     recent=st.integers(0, 6),
     per_head=st.booleans(),
+    gamma=st.sampled_from([0.0, 0.0, 3.0, 656.8]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, seed):
+def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, gamma, seed):
     cache = _cache(B, H, C, 4, seed, shared=not per_head)
     pos, score = cache["pos"][..., :C], cache["score"][..., :C]
-    first, second, ok = select_pair_reference(pos, score, sink, recent, per_head)
-    t_first, t_second, t_ok = select_pair_triton(pos, score, sink, recent, per_head)
+    first, second, ok = select_pair_reference(pos, score, sink, recent, per_head, gamma)
+    t_first, t_second, t_ok = select_pair_triton(pos, score, sink, recent, per_head, gamma)
     assert torch.equal(t_ok, ok)
     assert torch.equal(t_first[ok], first[ok]) and torch.equal(t_second[ok], second[ok])
     # The chosen pair is adjacent in position order and has the lowest finite edge cost.
-    order, _, _, edge = pair_costs(pos, score, sink, recent, per_head)
+    order, _, _, edge = pair_costs(pos, score, sink, recent, per_head, gamma)
     for b, h in ok.nonzero().tolist():
         i = int((order[b, h] == first[b, h]).nonzero())
         assert order[b, h, i + 1] == second[b, h]
@@ -116,7 +117,7 @@ def test_merge_pair_triton_matches_reference(B, H, C, D, rope, seed):
 def test_opcheck(per_head):
     cache = _cache(2, 2, 10, 8, seed=3, shared=not per_head)
     C = 10
-    sel = (cache["pos"][..., :C], cache["score"][..., :C], 1, 2, per_head)
+    sel = (cache["pos"][..., :C], cache["score"][..., :C], 1, 2, per_head, 5.0)
     torch.library.opcheck(torch.ops.kvslim.select_pair.default, sel)
     first, second, ok = torch.ops.kvslim.select_pair(*sel)
     alpha = torch.full((2, 2, C), 0.05, device=DEVICE)

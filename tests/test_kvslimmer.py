@@ -71,15 +71,15 @@ def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, ste
 
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(
-    config=st.sampled_from([("llama", 24, 4, 2, False), ("gpt2", 30, 0, 0, True)]),
+    config=st.sampled_from([("llama", 24, 4, 2, False, 0.0), ("gpt2", 30, 0, 0, True, 7.0)]),
     length=st.integers(14, 40),
     seed=st.integers(0, 99),
 )
 def test_decode_pair_merge_equals_the_general_merge(config, length, seed):
     """Decode's two-slot fast path leaves the cache bit-identical to the general run merge."""
-    arch, budget, sink, recent, per_head = config
+    arch, budget, sink, recent, per_head, recency = config
     model = kv_model(arch, "kvslimmer", budget, chunk_size=16, sink=sink, recent=recent,
-                     per_head=per_head)  # fmt: skip
+                     per_head=per_head, recency=recency)  # fmt: skip
     ids, mask = prompts(2, length, [0, length // 3], seed=seed)
 
     def run() -> tuple[torch.Tensor, dict]:
@@ -120,5 +120,7 @@ def test_long_chunks_are_split_to_what_a_budget_can_free():
 def test_options_are_checked():
     with pytest.raises(KVSlimError, match="recent must be a non-negative integer"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recent=-1)
+    with pytest.raises(KVSlimError, match="recency must be a number >= 0"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recency=-1.0)
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32)

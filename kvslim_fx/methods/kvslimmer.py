@@ -8,6 +8,7 @@ Each step, after attention, the method
 2. if the new tokens do not fit in the empty slots, picks the ``need`` adjacent pairs (in
    position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
    window, one selection per layer shared by the KV heads (``per_head=True``: per head);
+   ``recency=γ > 0`` multiplies pair ``j``'s cost by the reference code's ``exp(−j/γ)``;
 3. merges them: ``k* = (A k_m + B k_n) / (A + B)``, ``A = h11 − h12``, ``B = h22 − h12``,
    ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key rotated forward by the position gap
    (RoPE-correct, post-RoPE storage); value sums and cardinalities add (no cap); the merged slot
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import KVSlimError
 from ..kernels.kvslimmer import rope_rotate
 from ..kernels.pair_merge import pair_costs
 from .base import Method, SlotLayout, non_negative
@@ -51,15 +53,23 @@ class KVSlimmer(Method):
         sink: int | None = None,
         recent: int = 32,
         per_head: bool = False,
+        recency: float = 0.0,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
         self.recent = non_negative("recent", recent)
         self.per_head = bool(per_head)
+        if isinstance(recency, bool) or not isinstance(recency, int | float) or recency < 0:
+            raise KVSlimError(
+                f"recency must be a number >= 0 (the reference code's γ = 4096 / ln 512 ≈ 656.8; "
+                f"0 turns the recency factor off), got {recency!r}"
+            )
+        self.recency = float(recency)
         self.eps = float(eps)
 
     def options(self) -> dict:
-        return {**super().options(), "recent": self.recent, "per_head": self.per_head}
+        return {**super().options(), "recent": self.recent, "per_head": self.per_head,
+                "recency": self.recency}  # fmt: skip
 
     def layout(self, slots: int, window: int) -> SlotLayout:
         if 0 < window <= slots:
@@ -96,7 +106,9 @@ class KVSlimmer(Method):
 
         need = (real.sum(1)[:, None] - (cache.pos[:, :, :C] < 0).sum(-1)).clamp_min(0)  # [B, H]
         # Decode frees at most one slot: merging one pair touches two slots, not the cache.
-        merge = self._merge_pair if k.shape[2] == 1 else self._merge
+        # (An exported graph's step length is symbolic: it keeps the general path.)
+        L = k.shape[2]
+        merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
         merge(cache, need, a_old, means[:, :, :C], out)
         cache.write_free(
             k, v, kv_pos,
@@ -106,8 +118,9 @@ class KVSlimmer(Method):
     def _edges(self, cache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         C = cache.capacity
         return pair_costs(
-            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head
-        )
+            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head,
+            self.recency,
+        )  # fmt: skip
 
     def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
@@ -117,8 +130,9 @@ class KVSlimmer(Method):
         """
         C = cache.capacity
         first, second, ok = torch.ops.kvslim.select_pair(
-            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head
-        )
+            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head,
+            self.recency,
+        )  # fmt: skip
         do = ok & (need > 0)
         rope = cache.rope
         fallback = torch.ops.kvslim.merge_pair(
