@@ -1,31 +1,42 @@
-"""Continuation perplexity of each method on Jane Austen, with the default model.
+"""Quality of each method on Jane Austen with the default model, against the cache bytes kept.
 
-For every (method, budget, window) cell: prefill ``--context`` tokens of a novel, teacher-force
-the next ``--continuation`` tokens one at a time (decode-time compression active), and record
-the per-token NLL, the cache bytes kept and the time taken. ``full`` is the reference (it
-reproduces the original model; ``--check`` verifies that against one HF forward pass)::
+Three tasks (``--tasks``), every (method, budget) cell computed through the compressed cache:
 
-    python benchmarks/quality.py --context 8064 --continuation 128 --windows 2 \\
-        --methods full,streaming,kvslimmer --budgets 0.25
+* ``perplexity``: prefill ``--context`` tokens of a novel, teacher-force the next
+  ``--continuation`` tokens one at a time (decode-time compression active) and record the
+  per-token NLL. ``full`` is the reference (it reproduces the original model; ``--check``
+  verifies that against one HF forward pass).
+* ``needle``: a pass key hidden at each of ``--depths`` of ``--lengths``-token prompts
+  (:mod:`kvslim_fx.haystack`), answered greedily; exact match.
+* ``retrieval``: four people's secret numbers hidden in the text, one of them asked for.
 
-Why 8064 + 128: SmolLM2-135M has 8192 positions and the window must fit them, so the longest
-context that leaves a 128-token continuation is 8192 - 128 = 8064.
+::
 
-Budgets are fractions of the context turned into a whole number of slots per layer
-(``round(frac * context)``, e.g. 0.25 → 2016), so every method is compared at the same cache
-size; ``full`` ignores them. Writes ``OUT.json`` (every per-window number, settings, versions),
-``OUT.md`` (the table) and ``OUT.png`` (perplexity against cache bytes). Finished cells are kept
-in ``OUT.json`` and skipped on a rerun with the same settings, so an interrupted run resumes.
+    python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
+        --methods full,streaming,kvslimmer --budgets 0.125,0.25,0.5,1024
+
+Why 8064 + 128 for perplexity: SmolLM2-135M has 8192 positions and the window must fit them, so
+the longest context that leaves a 128-token continuation is 8192 - 128 = 8064.
+
+Budgets: a number with a decimal point is a fraction of the prompt, so every method is compared
+at the same cache size: of the perplexity context (``round(frac * context)`` slots, e.g. 0.25 →
+2016) and of each needle/retrieval prompt; an integer is a fixed number of slots per layer.
+``full`` ignores them. Writes ``OUT.json`` (every per-window and per-case number, settings,
+versions), ``OUT.md`` (a table per task, and the command that regenerates them) and ``OUT.png``
+(quality against cache bytes, a panel per task). Finished cells are kept in ``OUT.json`` and
+skipped on a rerun with the same settings, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -34,11 +45,24 @@ from pathlib import Path
 import torch
 
 from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
+from kvslim_fx.haystack import Case, needle_cases, retrieval_cases
 from kvslim_fx.methods import METHODS
 from kvslim_fx.models import load_default_model
+from kvslim_fx.retrieval import answer_case, answer_tokens
 from kvslim_fx.transform import transform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TASKS = ("perplexity", "needle", "retrieval")
+CASE_BUILDERS = {"needle": needle_cases, "retrieval": retrieval_cases}
+TITLES = {
+    "perplexity": "Continuation perplexity",
+    "needle": "Needle in a haystack",
+    "retrieval": "Retrieval (four keys, one asked)",
+}
+OUT = "benchmarks/results/quality"
+
+Budget = int | float | None
+"""``None``: keep everything (``full``); an int: slots per layer; a float: a prompt fraction."""
 
 
 def log(msg: str) -> None:
@@ -47,13 +71,21 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--context", type=int, default=8064, help="prefilled tokens per window")
-    p.add_argument("--continuation", type=int, default=128, help="teacher-forced tokens scored")
-    p.add_argument("--windows", type=int, default=2, help="Austen windows per cell")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of " + str(TASKS))
+    p.add_argument("--context", type=int, default=8064, help="perplexity: prefilled tokens")
+    p.add_argument("--continuation", type=int, default=128, help="perplexity: tokens scored")
+    p.add_argument("--windows", type=int, default=2, help="perplexity: Austen windows per cell")
+    p.add_argument("--lengths", default="1024,2048,4096,7168", help="needle/retrieval tokens")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle/retrieval depths")
+    p.add_argument("--samples", type=int, default=1, help="cases per (length, depth)")
     p.add_argument("--methods", default="full,streaming,kvslimmer")
-    p.add_argument("--budgets", default="0.25", help="fractions of the context, comma-separated")
+    p.add_argument(
+        "--budgets",
+        default="0.125,0.25,0.5",
+        help="fractions of the prompt (0.25) and/or fixed slots per layer (1024), comma-separated",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--seed", type=int, default=0, help="window selection seed")
+    p.add_argument("--seed", type=int, default=0, help="window and case seed")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk (tokens)")
     p.add_argument(
         "--threads",
@@ -62,29 +94,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's); 1 is much faster on cores shared with "
         "other jobs, where every small op of a decode step waits for a descheduled thread",
     )
-    p.add_argument("--out", default="benchmarks/results/quality", help="output path stem")
+    p.add_argument("--out", default=OUT, help="output path stem")
     p.add_argument(
         "--check",
         action="store_true",
         help="only check that full's NLL equals one HF forward pass on each window, then exit",
     )
     args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or any(t not in TASKS for t in args.tasks):
+        p.error(f"--tasks are comma-separated, of {', '.join(TASKS)}; got {args.tasks}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    if any(not 0 < b <= 1 for b in args.budgets):
-        p.error("--budgets are fractions of the context in (0, 1]")
+    try:
+        args.budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+        args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+        args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
-def cell_key(method: str, slots: int | None, args: argparse.Namespace, window: int) -> str:
-    # dtype and seed too: a cell computed in bf16 or on other windows is not the same cell.
-    return (
-        f"{method}|budget={slots if slots is not None else 'all'}|context={args.context}"
-        f"|continuation={args.continuation}|window={window}|dtype={args.dtype}|seed={args.seed}"
-    )
+def parse_budget(text: str) -> int | float:
+    """``"1024"`` → 1024 slots; ``"0.25"`` → a quarter of the prompt."""
+    try:
+        return int(text)
+    except ValueError:
+        frac = float(text)
+    if not 0 < frac <= 1:
+        raise ValueError(f"a fractional budget lies in (0, 1], got {text}")
+    return frac
+
+
+def budget_label(budget: Budget) -> str:
+    return "all" if budget is None else f"{budget:g}"
+
+
+def budget_order(label: str) -> tuple[int, float]:
+    """full first, then fractions, then fixed slot counts, each ascending."""
+    if label == "all":
+        return (0, 0.0)
+    return (1, float(label)) if "." in label else (2, float(label))
+
+
+# --- results file ---
 
 
 def load_results(path: Path) -> dict:
@@ -98,6 +153,51 @@ def save_results(path: Path, results: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, path)  # atomic: a kill mid-write never loses the finished cells
+
+
+def cell_task(cell: dict) -> str:
+    # Cells written before the needle and retrieval tasks existed are perplexity cells.
+    return cell.get("task", "perplexity")
+
+
+def cell_budget(cell: dict) -> str:
+    """The budget as asked for; older perplexity cells stored only the fraction and slots."""
+    if "budget" in cell:
+        return cell["budget"]
+    frac, slots = cell["budget_frac"], cell["budget_slots"]
+    return budget_label(frac if frac is not None else slots)
+
+
+def digest(ids: list[int] | torch.Tensor) -> str:
+    data = torch.as_tensor(ids, dtype=torch.long).numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def stamp(record: dict, model, args: argparse.Namespace) -> dict:
+    """What every cell records besides its numbers: how and when it was computed."""
+    return record | {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "settings": record.get("settings", {})
+        | {
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "chunk_size": args.chunk_size,
+            "options": model.method.options(),
+        },
+    }
+
+
+# --- perplexity ---
+
+
+def cell_key(method: str, slots: int | None, args: argparse.Namespace, window: int) -> str:
+    # dtype and seed too: a cell computed in bf16 or on other windows is not the same cell.
+    return (
+        f"{method}|budget={slots if slots is not None else 'all'}|context={args.context}"
+        f"|continuation={args.continuation}|window={window}|dtype={args.dtype}|seed={args.seed}"
+    )
 
 
 def run_check(hf, windows: list[torch.Tensor], args: argparse.Namespace) -> int:
@@ -120,7 +220,7 @@ def run_check(hf, windows: list[torch.Tensor], args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def run_cell(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
+def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
     nll = continuation_nll(model, window, args.context, timings=timings)
     record = {
@@ -140,17 +240,63 @@ def run_cell(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
     return record
 
 
+def run_perplexity(hf, tokenizer, args: argparse.Namespace, results: dict, path: Path) -> None:
+    windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
+    digests = [digest(w[0]) for w in windows]
+    for method, budget in cells_to_run(args):
+        slots = budget if not isinstance(budget, float) else round(budget * args.context)
+        keys = [cell_key(method, slots, args, i) for i in range(args.windows)]
+        todo = [
+            i
+            for i, key in enumerate(keys)
+            if results["cells"].get(key, {}).get("window_sha1") != digests[i]
+        ]
+        label = f"perplexity {method} budget={slots if slots is not None else 'all'}"
+        if not todo:
+            log(f"{label}: all {args.windows} windows done, skipped")
+            continue
+        model = timed_transform(hf, method, slots, args, label)
+        for i in todo:
+            log(f"{label}: window {i + 1}/{args.windows}...")
+            record = run_window(model, windows[i], args)
+            record |= {
+                "task": "perplexity",
+                "method": method,
+                "budget": budget_label(budget),
+                "budget_frac": budget if isinstance(budget, float) else None,
+                "budget_slots": slots,
+                "window": i,
+                "window_sha1": digests[i],
+                "window_text": tokenizer.decode(windows[i][0, args.context - 24 :])[:200],
+                "settings": {"context": args.context, "continuation": args.continuation},
+            }
+            results["cells"][keys[i]] = stamp(record, model, args)
+            save_results(path, results)
+            extra = ""
+            if "merge_stats" in record:
+                merges = sum(s[0] for s in record["merge_stats"])
+                fallbacks = sum(s[1] for s in record["merge_stats"])
+                extra = f", merges {merges:.0f} (fallbacks {fallbacks:.0f})"
+            log(
+                f"{label}: window {i + 1}: ppl {record['perplexity']:.3f} in "
+                f"{record['seconds']:.1f} s (prefill {record['prefill_s']:.1f} s){extra}"
+            )
+        del model
+
+
 def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
-    """One row per (method, budget) over the requested windows, in a stable order."""
+    """One perplexity row per (method, budget) over the requested windows, in a stable order."""
     groups: dict[tuple[str, int | None], list[dict]] = {}
     for cell in results["cells"].values():
         s = cell["settings"]
+        if cell_task(cell) != "perplexity" or cell["window"] >= args.windows:
+            continue
         if (s["context"], s["continuation"], s["dtype"], s["seed"]) != (
             args.context,
             args.continuation,
             args.dtype,
             args.seed,
-        ) or cell["window"] >= args.windows:
+        ):
             continue
         groups.setdefault((cell["method"], cell["budget_slots"]), []).append(cell)
     full = groups.get(("full", None), [])
@@ -168,12 +314,14 @@ def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
         rows.append(
             {
                 "method": method,
+                "budget": cell_budget(cells[0]),
                 "budget_slots": slots,
                 "budget_frac": cells[0]["budget_frac"],
                 "windows": len(cells),
+                "complete": len(cells) == args.windows,
                 "cache_bytes": cells[0]["cache_bytes"],
                 "full_cache_bytes": cells[0]["full_cache_bytes"],
-                "perplexity": ppl,
+                "quality": ppl,
                 "per_window": [c["perplexity"] for c in cells],
                 "delta_vs_full": statistics.fmean(paired) if paired else None,
                 "seconds": statistics.fmean(c["seconds"] for c in cells),
@@ -196,20 +344,7 @@ def _merge_totals(cells: list[dict]) -> list[float] | None:
     ]  # mean over windows of the sum over layers
 
 
-def _threads_note(rows: list[dict]) -> str:
-    counts = {t for r in rows for t in r["threads"]}
-    if len(counts) == 1:
-        return f"{counts.pop()} CPU thread(s)"
-    per_row = "; ".join(
-        f"{r['method']} {r['budget_slots'] or 'all'}: {'/'.join(map(str, r['threads']))}"
-        for r in rows
-    )
-    return (
-        f"CPU threads per window (not the same for all rows, compare timings with care): {per_row}"
-    )
-
-
-def table(rows: list[dict]) -> str:
+def perplexity_table(rows: list[dict]) -> str:
     lines = [
         "| method | budget (slots) | windows | cache bytes kept | % of full | perplexity "
         "| Δ vs full | per window | s / window (prefill + decode) |",
@@ -224,14 +359,227 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {slots} | {r['windows']} "
             f"| {r['cache_bytes'] / 2**20:.1f} MiB | {pct:.1f}% "
-            f"| {r['perplexity']:.3f} | {delta} | "
+            f"| {r['quality']:.3f} | {delta} | "
             + ", ".join(f"{p:.3f}" for p in r["per_window"])
             + f" | {r['seconds']:.1f} ({r['prefill_s']:.1f} + {r['decode_s']:.1f}) |"
         )
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> bool:
+# --- needle and retrieval ---
+
+
+def case_key(task: str, method: str, budget: Budget, case: Case, args) -> str:
+    return (
+        f"{task}|{method}|budget={budget_label(budget)}|case={case.id}"
+        f"|dtype={args.dtype}|seed={args.seed}"
+    )
+
+
+def run_cases(hf, tokenizer, task: str, args: argparse.Namespace, results: dict, path: Path):
+    cases = CASE_BUILDERS[task](
+        tokenizer, args.lengths, args.depths, samples=args.samples, seed=args.seed
+    )
+    digests = {case.id: digest(case.prompt) for case in cases}
+    for method, budget in cells_to_run(args):
+        keys = {case.id: case_key(task, method, budget, case, args) for case in cases}
+        todo = [
+            case
+            for case in cases
+            if results["cells"].get(keys[case.id], {}).get("prompt_sha1") != digests[case.id]
+        ]
+        label = f"{task} {method} budget={budget_label(budget)}"
+        if not todo:
+            log(f"{label}: all {len(cases)} cases done, skipped")
+            continue
+        model = timed_transform(hf, method, budget, args, label)
+        for n, case in enumerate(todo, 1):
+            answer = answer_case(model, tokenizer, case)
+            record = dataclasses.asdict(answer) | {
+                "method": method,
+                "budget": budget_label(budget),
+                "sample": case.sample,
+                "prompt_sha1": digests[case.id],
+                "full_cache_bytes": model.full_cache_bytes(case.length + answer_tokens(case)),
+                "capacity": model.layers[0].capacity,
+            }
+            results["cells"][keys[case.id]] = stamp(record, model, args)
+            save_results(path, results)
+            log(
+                f"{label}: {n}/{len(todo)} {case.id}: {answer.output!r} "
+                f"{'right' if answer.correct else 'wrong'} ({answer.answer}) "
+                f"in {answer.seconds:.1f} s"
+            )
+        del model
+
+
+def summarize_cases(results: dict, args: argparse.Namespace, task: str) -> list[dict]:
+    """One row per (method, budget) over the requested grid's cases, in a stable order."""
+    size = len(args.lengths) * len(args.depths) * args.samples
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for cell in results["cells"].values():
+        s = cell["settings"]
+        if (
+            cell_task(cell) != task
+            or (s["dtype"], s["seed"]) != (args.dtype, args.seed)
+            or cell["length"] not in args.lengths
+            or cell["depth"] not in args.depths
+            or cell["sample"] >= args.samples
+        ):
+            continue
+        groups.setdefault((cell["method"], cell["budget"]), []).append(cell)
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = []
+    for (method, budget), cells in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), budget_order(kv[0][1]))
+    ):
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "cases": len(cells),
+                "complete": len(cells) == size,
+                "cache_bytes": statistics.fmean(c["cache_bytes"] for c in cells),
+                "full_cache_bytes": statistics.fmean(c["full_cache_bytes"] for c in cells),
+                "quality": statistics.fmean(c["correct"] for c in cells),
+                "per_length": {
+                    n: statistics.fmean(c["correct"] for c in cells if c["length"] == n)
+                    for n in args.lengths
+                    if any(c["length"] == n for c in cells)
+                },
+                "seconds": statistics.fmean(c["seconds"] for c in cells),
+                "threads": sorted({c["threads"] for c in cells}, key=str),
+            }
+        )
+    return rows
+
+
+def accuracy_table(rows: list[dict], lengths: list[int]) -> str:
+    lines = [
+        "| method | budget | cases | cache bytes kept (mean) | % of full | accuracy | "
+        + " | ".join(f"{n} tokens" for n in lengths)
+        + " | s / case |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---:|",
+    ]
+    for r in rows:
+        pct = 100 * r["cache_bytes"] / r["full_cache_bytes"]
+        per_length = [
+            f"{100 * r['per_length'][n]:.0f}%" if n in r["per_length"] else "" for n in lengths
+        ]
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['cases']} | {r['cache_bytes'] / 2**20:.1f} MiB "
+            f"| {pct:.1f}% | {100 * r['quality']:.1f}% | "
+            + " | ".join(per_length)
+            + f" | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# --- shared ---
+
+
+def cells_to_run(args: argparse.Namespace) -> list[tuple[str, Budget]]:
+    """(method, budget) pairs in order; full runs once, without a budget."""
+    return [
+        (method, budget)
+        for method in args.methods
+        for budget in ([None] if method == "full" else args.budgets)
+    ]
+
+
+def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, label: str):
+    start = time.perf_counter()
+    model = transform(hf, method, budget, chunk_size=args.chunk_size)
+    log(f"{label}: transformed in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def _threads_note(rows: list[dict]) -> str:
+    counts = {t for r in rows for t in r["threads"]}
+    if len(counts) == 1:
+        return f"{counts.pop()} CPU thread(s)"
+    per_row = "; ".join(
+        f"{r['method']} {r['budget']}: {'/'.join(map(str, r['threads']))}" for r in rows
+    )
+    return f"CPU threads per cell (not the same for all rows, compare timings with care): {per_row}"
+
+
+def command(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
+    """The command line that computes every row of ``tables`` (rerunning none that is done)."""
+    rows = [r for task_rows in tables.values() for r in task_rows]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({r["budget"] for r in rows} - {"all"}, key=budget_order)
+    argv = ["python", "benchmarks/quality.py", "--tasks", ",".join(tables)]
+    argv += ["--methods", ",".join(methods)] + (["--budgets", ",".join(budgets)] if budgets else [])
+    if "perplexity" in tables:
+        argv += ["--context", str(args.context), "--continuation", str(args.continuation)]
+        argv += ["--windows", str(args.windows)]
+    if tables.keys() - {"perplexity"}:
+        argv += ["--lengths", ",".join(map(str, args.lengths))]
+        argv += ["--depths", ",".join(f"{d:g}" for d in args.depths)]
+        argv += ["--samples", str(args.samples)]
+    argv += ["--dtype", args.dtype, "--seed", str(args.seed), "--chunk-size", str(args.chunk_size)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += ["--out", args.out] if args.out != OUT else []
+    return shlex.join(argv)
+
+
+def markdown(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
+    md = [
+        "# Quality of compressed KV caches",
+        "",
+        f"SmolLM2-135M-Instruct ({args.dtype}) on Jane Austen's novels, torch "
+        f"{torch.__version__}. Budget = KV slots per layer: a fraction of each prompt, or a "
+        "fixed number of slots. Cache bytes: K, V and per-slot metadata at capacity, against "
+        "an uncompressed cache of the same sequence. Regenerate (finished cells are read back "
+        "from the JSON beside this file, only missing ones are computed):",
+        "",
+        "```bash",
+        command(args, tables),
+        "```",
+        "",
+    ]
+    for task, rows in tables.items():
+        md += [f"## {TITLES[task]}", ""]
+        if task == "perplexity":
+            md += [
+                f"{args.windows} window(s) of {args.context} context + {args.continuation} "
+                f"teacher-forced tokens (seed {args.seed}), decoded one token at a time. "
+                f"Perplexity: mean over windows; Δ vs full over the same windows. Seconds: wall "
+                f"time, {_threads_note(rows)}.",
+                "",
+                perplexity_table(rows),
+                "",
+            ]
+            merge_rows = [r for r in rows if r["merges"]]
+            if merge_rows:
+                md += [
+                    "Merges (merged runs counted per KV head, summed over layers, mean over "
+                    "windows):",
+                    "",
+                ]
+                md += [
+                    f"- {r['method']} {r['budget_slots']}: {r['merges'][0]:.0f} merges, "
+                    f"{r['merges'][1]:.0f} fallbacks to the score-weighted mean"
+                    for r in merge_rows
+                ]
+                md.append("")
+        else:
+            hidden = "a pass key" if task == "needle" else "the asked one of four secret numbers"
+            md += [
+                f"Prompts of {', '.join(map(str, args.lengths))} tokens with {hidden} at depths "
+                f"{', '.join(f'{d:g}' for d in args.depths)} ({args.samples} case(s) per cell, "
+                f"seed {args.seed}; `kvslim_fx.haystack`), answered greedily; right when the "
+                f"first number generated is the hidden one. Seconds: wall time per case, "
+                f"{_threads_note(rows)}.",
+                "",
+                accuracy_table(rows, args.lengths),
+                "",
+            ]
+    return "\n".join(md)
+
+
+def plot(tables: dict[str, list[dict]], path: Path) -> bool:
     try:
         import matplotlib
         import matplotlib.ticker
@@ -241,28 +589,34 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> bool:
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
-    # A mean over fewer windows is not comparable with the others: partial rows stay off the plot.
-    rows = [r for r in rows if r["windows"] == args.windows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["cache_bytes"] / 2**20, r["perplexity"]) for r in rows
-                     if r["method"] == method)  # fmt: skip
-        if method == "full":
-            ax.axhline(pts[0][1], color="gray", ls="--", lw=1)
-            ax.plot(*zip(*pts, strict=True), "k*", ms=10, label="full")
+    width = max(6.4, 5.2 * len(tables))
+    fig, axes = plt.subplots(1, len(tables), figsize=(width, 4.4), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], tables.items(), strict=True):
+        # A mean over part of the windows or cases is not comparable: partial rows stay off.
+        rows = [r for r in rows if r["complete"]]
+        scale = 1 if task == "perplexity" else 100
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["cache_bytes"] / 2**20, scale * r["quality"]) for r in rows
+                         if r["method"] == method)  # fmt: skip
+            if method == "full":
+                ax.axhline(pts[0][1], color="gray", ls="--", lw=1)
+                ax.plot(*zip(*pts, strict=True), "k*", ms=10, label="full")
+            else:
+                ax.plot(*zip(*pts, strict=True), "o-", label=method)
+        ax.set_xscale("log")
+        # Plain MiB numbers on the log axis, not 6x10^0-style ticks.
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("KV cache bytes kept (MiB, log scale)")
+        if task == "perplexity":
+            ax.set_ylabel("perplexity (lower is better)")
         else:
-            ax.plot(*zip(*pts, strict=True), "o-", label=method)
-    ax.set_xscale("log")
-    # Plain MiB numbers on the log axis, not 6x10^0-style ticks.
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("KV cache bytes kept (MiB, log scale)")
-    ax.set_ylabel(f"continuation perplexity ({args.continuation} tokens)")
-    ax.set_title(
-        f"SmolLM2-135M, Austen, context {args.context}, {args.windows} window(s), {args.dtype}"
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(-5, 105)
+        ax.set_title(TITLES[task], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct on Jane Austen: quality against cache bytes", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -276,13 +630,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading the default model ({args.dtype})")
     hf, tokenizer = load_default_model(DTYPES[args.dtype])
     max_pos = hf.config.max_position_embeddings
-    if args.context + args.continuation > max_pos:
+    if "perplexity" in args.tasks and args.context + args.continuation > max_pos:
         sys.exit(
             f"context + continuation = {args.context + args.continuation} exceeds the model's "
             f"{max_pos} positions; e.g. --context {max_pos - args.continuation}"
         )
-    windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
     if args.check:
+        windows = austen_windows(
+            tokenizer, args.context, args.continuation, args.windows, args.seed
+        )
         return run_check(hf, windows, args)
 
     out = Path(args.out)
@@ -297,92 +653,21 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
         }
     )
-    digests = [hashlib.sha1(w.numpy().tobytes()).hexdigest()[:16] for w in windows]
-
-    for method in args.methods:
-        fracs: list[float | None] = [None] if method == "full" else list(args.budgets)
-        for frac in fracs:
-            slots = None if frac is None else round(frac * args.context)
-            keys = [cell_key(method, slots, args, i) for i in range(args.windows)]
-            todo = [
-                i
-                for i, key in enumerate(keys)
-                if results["cells"].get(key, {}).get("window_sha1") != digests[i]
-            ]
-            label = f"{method} budget={slots if slots is not None else 'all'}"
-            if not todo:
-                log(f"{label}: all {args.windows} windows done, skipped")
-                continue
-            start = time.perf_counter()
-            model = transform(hf, method, slots, chunk_size=args.chunk_size)
-            log(f"{label}: transformed in {time.perf_counter() - start:.1f} s")
-            for i in todo:
-                log(f"{label}: window {i + 1}/{args.windows}...")
-                record = run_cell(model, windows[i], args)
-                record |= {
-                    "method": method,
-                    "budget_frac": frac,
-                    "budget_slots": slots,
-                    "window": i,
-                    "window_sha1": digests[i],
-                    "window_text": tokenizer.decode(windows[i][0, args.context - 24 :])[:200],
-                    "settings": {
-                        "context": args.context,
-                        "continuation": args.continuation,
-                        "dtype": args.dtype,
-                        "seed": args.seed,
-                        "chunk_size": args.chunk_size,
-                        "options": model.method.options(),
-                    },
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                }
-                results["cells"][keys[i]] = record
-                save_results(json_path, results)
-                extra = ""
-                if "merge_stats" in record:
-                    merges = sum(s[0] for s in record["merge_stats"])
-                    fallbacks = sum(s[1] for s in record["merge_stats"])
-                    extra = f", merges {merges:.0f} (fallbacks {fallbacks:.0f})"
-                log(
-                    f"{label}: window {i + 1}: ppl {record['perplexity']:.3f} in "
-                    f"{record['seconds']:.1f} s (prefill {record['prefill_s']:.1f} s){extra}"
-                )
-            del model
-
+    for task in args.tasks:
+        if task == "perplexity":
+            run_perplexity(hf, tokenizer, args, results, json_path)
+        else:
+            run_cases(hf, tokenizer, task, args, results, json_path)
     save_results(json_path, results)
-    rows = summarize(results, args)
-    text = table(rows)
+
+    # Every task with finished cells for these settings, run now or before.
+    tables = {"perplexity": summarize(results, args)}
+    tables |= {task: summarize_cases(results, args, task) for task in CASE_BUILDERS}
+    tables = {task: rows for task, rows in tables.items() if rows}
+    text = markdown(args, tables)
     print(text)
-    md = [
-        "# Continuation perplexity",
-        "",
-        f"SmolLM2-135M-Instruct ({args.dtype}), Jane Austen: {args.windows} window(s) of "
-        f"{args.context} context + {args.continuation} teacher-forced tokens (seed {args.seed}), "
-        "decoded one token at a time. Budget = KV slots per layer (a fraction of the context). "
-        "Cache bytes: K, V and per-slot metadata at capacity, against an uncompressed "
-        f"cache of {args.context + args.continuation} tokens. Perplexity: mean over windows; "
-        f"Δ vs full over the same windows. Seconds: wall time, torch {torch.__version__}, "
-        f"{_threads_note(rows)}.",
-        "",
-        text,
-        "",
-    ]
-    merge_rows = [r for r in rows if r["merges"]]
-    if merge_rows:
-        md += [
-            "Merges (merged runs counted per KV head, summed over layers, mean over windows):",
-            "",
-        ]
-        md += [
-            f"- {r['method']} {r['budget_slots']}: {r['merges'][0]:.0f} merges, "
-            f"{r['merges'][1]:.0f} fallbacks to the score-weighted mean"
-            for r in merge_rows
-        ]
-        md.append("")
-    out.with_suffix(".md").write_text("\n".join(md))
-    if plot(rows, out.with_suffix(".png"), args):
+    out.with_suffix(".md").write_text(text)
+    if tables and plot(tables, out.with_suffix(".png")):
         log(f"wrote {json_path}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 

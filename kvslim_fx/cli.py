@@ -4,6 +4,7 @@
 
     kvslim-fx generate --method streaming --budget 2048 --prompt "Once upon a time"
     kvslim-fx export --model DIR --method streaming --budget 2048 --out model.pt2
+    kvslim-fx eval --task needle --method streaming --budget 0.25 --lengths 1024,4096
 
 Every bad input ends as one line ``kvslim-fx: error: <message>`` on stderr and exit status 2.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from .errors import KVSlimError
 # --help and argument errors do not wait for them.
 
 PROG = "kvslim-fx"
+TASKS = ("perplexity", "needle", "retrieval")
 
 TIMING_NOTE = """\
 timing: one generate() call is timed, with a clock stamp after every forward. Prefill is
@@ -129,6 +134,54 @@ def _parser() -> argparse.ArgumentParser:
         help="longest sequence the package serves (default: the model's positions)",
     )
     exp.set_defaults(command=_export)
+
+    ev = commands.add_parser(
+        "eval",
+        parents=[common],
+        help="score a method on a long-context task: perplexity, needle or retrieval",
+        description="Score a method on Jane Austen: continuation perplexity (teacher-forced, "
+        "decode-time compression active), needle in a haystack (a pass key at a depth of the "
+        "text) or retrieval (several people's secret numbers, one asked for). A fractional "
+        "--budget is a fraction of each prompt. Prints a table; --json keeps every case.",
+    )
+    ev.add_argument("--task", choices=TASKS, default="needle", help="(default: needle)")
+    ev.add_argument(
+        "--lengths",
+        default="1024,2048,4096,7168",
+        metavar="N,...",
+        help="needle/retrieval prompt lengths in tokens (default: 1024,2048,4096,7168)",
+    )
+    ev.add_argument(
+        "--depths",
+        default="0.1,0.3,0.5,0.7,0.9",
+        metavar="F,...",
+        help="needle/retrieval depths, fractions of the text (default: 0.1,0.3,0.5,0.7,0.9)",
+    )
+    ev.add_argument(
+        "--samples", type=int, default=1, metavar="N", help="cases per (length, depth) cell"
+    )
+    ev.add_argument("--windows", type=int, default=2, metavar="N", help="perplexity windows")
+    ev.add_argument(
+        "--context", type=int, default=8064, metavar="N", help="perplexity: prefilled tokens"
+    )
+    ev.add_argument(
+        "--continuation",
+        type=int,
+        default=128,
+        metavar="N",
+        help="perplexity: tokens scored after the context",
+    )
+    ev.add_argument("--seed", type=int, default=0, metavar="S", help="case and window seed")
+    ev.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    ev.add_argument("--json", metavar="FILE", help="also write the settings and every case here")
+    ev.add_argument(
+        "--export-cases",
+        metavar="FILE",
+        help="instead of scoring, write the token ids of all three tasks' cases to FILE (JSON, "
+        "so that a peer harness runs the same prompts; the schema is in "
+        "kvslim_fx.case_export.write_cases)",
+    )
+    ev.set_defaults(command=_eval)
     return parser
 
 
@@ -204,6 +257,161 @@ def _export(args: argparse.Namespace) -> int:
     path = export(model, args.out, batch_size=args.batch_size, max_length=args.max_length)
     print(f"{path} ({path.stat().st_size} bytes)")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .transform import transform
+
+    options = _transform_options(args)
+    lengths = _numbers("--lengths", args.lengths, int)
+    depths = _numbers("--depths", args.depths, float)
+    for name in ("samples", "windows", "context", "continuation", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise KVSlimError(f"--{name} must be a positive integer, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = _model_dir(args.model)
+    with _loading(path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if args.export_cases:
+        return _export_cases(args, path, tokenizer, lengths, depths)
+    cases = _task_cases(args.task, args, tokenizer, lengths, depths)
+    _check_positions(args, path, cases)
+    core = transform(_hf_model(path, args.dtype), **options)
+    label = f"{args.task}: {args.method}, budget {args.budget or 'all'}"
+    if args.task == "perplexity":
+        records, text = _perplexity(core, cases, args.context, label)
+        summary = {"perplexity": records[-1]["perplexity"]}
+    else:
+        from .retrieval import accuracy, accuracy_by_cell, accuracy_grid, answer_case
+
+        answers = [answer_case(core, tokenizer, c) for c in _progress(cases, label)]
+        records = [dataclasses.asdict(a) for a in answers]
+        hits = sum(a.correct for a in answers)
+        text = (
+            f"{accuracy_grid(answers)}\n\naccuracy: {100 * accuracy(answers):.1f}% "
+            f"({hits}/{len(answers)})"
+        )
+        cells = accuracy_by_cell(answers)
+        summary = {
+            "accuracy": accuracy(answers),
+            "cells": [{"length": n, "depth": d, "accuracy": v} for (n, d), v in cells.items()],
+        }
+    print(f"{label} ({path})\n\n{text}")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+        doc = {"model": str(path), "settings": settings, "options": core.method.options()}
+        Path(args.json).write_text(json.dumps(doc | summary | {"cases": records}, indent=1) + "\n")
+    return 0
+
+
+def _check_positions(args: argparse.Namespace, path: Path, cases: list[Any]) -> None:
+    """Refuse cases longer than the model's positions before its weights are loaded."""
+    from .model import _max_positions
+
+    with _loading(path):
+        from transformers import AutoConfig
+
+        positions = _max_positions(AutoConfig.from_pretrained(path, local_files_only=True))
+    if args.task == "perplexity":
+        longest, fix = args.context + args.continuation, "--context or --continuation"
+    else:
+        from .retrieval import answer_tokens
+
+        longest, fix = max(len(c.prompt) + answer_tokens(c) for c in cases), "--lengths"
+    if longest > positions:
+        raise KVSlimError(
+            f"the longest {args.task} case needs {longest} positions, the model has "
+            f"{positions}; ask for shorter {fix}"
+        )
+
+
+def _task_cases(
+    task: str, args: argparse.Namespace, tokenizer: Any, lengths: list[int], depths: list[float]
+) -> list[Any]:
+    """``task``'s cases: haystack cases for needle/retrieval, ``[1, N]`` windows for perplexity."""
+    from .evaluate import austen_windows
+    from .haystack import needle_cases, retrieval_cases
+
+    if task == "perplexity":
+        try:
+            return austen_windows(
+                tokenizer, args.context, args.continuation, args.windows, args.seed
+            )
+        except ValueError as err:  # no novel long enough: the fix is a shorter window
+            raise KVSlimError(f"{err}; ask for a shorter --context or --continuation") from err
+    build = needle_cases if task == "needle" else retrieval_cases
+    return build(tokenizer, lengths, depths, samples=args.samples, seed=args.seed)
+
+
+def _perplexity(
+    core: Any, windows: list[Any], context: int, label: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Per-window records (the last one the mean over windows) and their table."""
+    import torch
+
+    from .evaluate import continuation_nll, perplexity
+
+    records, nlls = [], []
+    for i, window in enumerate(_progress(windows, label)):
+        timings: dict[str, float] = {}
+        nll = continuation_nll(core, window, context, timings=timings)
+        nlls.append(nll)
+        records.append(
+            {
+                "window": i,
+                "perplexity": perplexity(nll),
+                "nll": [float(x) for x in nll],
+                "cache_bytes": core.cache_bytes(),
+                "seconds": timings["prefill_s"] + timings["decode_s"],
+            }
+        )
+    mean = {"window": "all", "perplexity": perplexity(torch.cat(nlls))}
+    mean |= {k: statistics.fmean(r[k] for r in records) for k in ("cache_bytes", "seconds")}
+    lines = ["| window | perplexity | cache bytes | seconds |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {r['window']} | {r['perplexity']:.3f} | {r['cache_bytes']:.0f} | {r['seconds']:.1f} |"
+        for r in [*records, mean]
+    ]
+    return [*records, mean], "\n".join(lines)
+
+
+def _export_cases(
+    args: argparse.Namespace, path: Path, tokenizer: Any, lengths: list[int], depths: list[float]
+) -> int:
+    from .case_export import write_cases
+
+    windows = _task_cases("perplexity", args, tokenizer, lengths, depths)
+    cases = {t: _task_cases(t, args, tokenizer, lengths, depths) for t in ("needle", "retrieval")}
+    out = write_cases(args.export_cases, str(path), windows, args.context, **cases)
+    print(
+        f"{out}: {len(windows)} perplexity windows, {len(cases['needle'])} needle and "
+        f"{len(cases['retrieval'])} retrieval cases"
+    )
+    return 0
+
+
+def _progress(items: list[Any], label: str) -> Iterator[Any]:
+    """``items`` with a progress bar on stderr when it is a terminal."""
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=label, unit="case", file=sys.stderr, disable=None))
+
+
+def _numbers(option: str, text: str, kind: type) -> list[Any]:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        example = "1024,4096" if kind is int else "0.1,0.5,0.9"
+        raise KVSlimError(f"{option} must be comma-separated numbers, e.g. {example}; got {text!r}")
+    return values
 
 
 class _Clock:

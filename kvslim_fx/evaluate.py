@@ -23,6 +23,15 @@ from .corpus import austen_text
 from .model import KVSlimModel
 
 
+def austen_tokens(tokenizer) -> dict[str, list[int]]:
+    """Each Austen novel's token ids by title, tokenized whole (``add_special_tokens=False``)."""
+    # verbose=False: a whole novel is far longer than model_max_length, and that is fine.
+    return {
+        title: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        for title, text in austen_text().items()
+    }
+
+
 def austen_windows(
     tokenizer, context: int, continuation: int, count: int, seed: int = 0
 ) -> list[Tensor]:
@@ -46,12 +55,11 @@ def austen_windows(
             f"{context}, {continuation}, {count}"
         )
     length = context + continuation
-    books = []
-    for title, text in austen_text().items():
-        # verbose=False: a whole novel is far longer than model_max_length, and that is fine.
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) >= length:
-            books.append((title, torch.tensor(ids, dtype=torch.long)))
+    books = [
+        (title, torch.tensor(ids, dtype=torch.long))
+        for title, ids in austen_tokens(tokenizer).items()
+        if len(ids) >= length
+    ]
     if not books:
         raise ValueError(f"no Austen novel has {length} tokens for a window")
     g = torch.Generator().manual_seed(seed)

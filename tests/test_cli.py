@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,11 +13,16 @@ import tokenizers
 import torch
 from helpers import hf_model, kv_model
 from tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
+from tiny_text import BOOKS, char_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 import kvslim_fx
+from kvslim_fx import evaluate
 from kvslim_fx.cli import main
+from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity
+from kvslim_fx.haystack import needle_cases, retrieval_cases
 from kvslim_fx.methods import METHODS
+from kvslim_fx.retrieval import answer_case
 
 UNK_TOKEN_ID = 3
 # Word "w{i}" is token i, so a decoded text reads as its token ids.
@@ -149,9 +155,10 @@ def test_bad_input_is_one_line_and_status_2(options, message, model_dir, tmp_pat
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ([], ["generate", "export"]),
+        ([], ["generate", "export", "eval"]),
         (["generate"], ["--model PATH", "default: SmolLM2", "--prompt-file", "tokens/s"]),
         (["export"], ["--model PATH", "--out FILE", "--batch-size", "--max-length"]),
+        (["eval"], ["--task {perplexity,needle,retrieval}", "--lengths", "--export-cases"]),
     ],
 )
 def test_help(command, expected, capsys):
@@ -191,3 +198,102 @@ def test_export_writes_a_loadable_package(model_dir, tmp_path, capsys):
     model = kv_model("llama", "streaming", 16, chunk_size=8, sink=2)
     model.reset(batch_size=1, max_length=64)
     assert runner.meta["cache_bytes"] == model.cache_bytes()
+
+
+# --- eval: the tiny llama with a character-level tokenizer, on a small fake Austen corpus ---
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama-chars")
+    hf_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def fake_corpus(monkeypatch):
+    monkeypatch.setattr(evaluate, "austen_text", lambda: dict(BOOKS))
+
+
+GRID = ["--lengths", "320", "--depths", "0.2,0.8", "--seed", "3"]
+EVAL_STREAMING = ["--method", "streaming", "--budget", "64", "--sink", "2", "--chunk-size", "64"]
+
+
+@pytest.mark.parametrize("task", ["needle", "retrieval"])
+def test_eval_answers_like_the_library_and_prints_the_grid(
+    task, text_model_dir, fake_corpus, tmp_path, capsys
+):
+    out_json = tmp_path / "eval.json"
+    # Four needles in the tiny model's 512 positions need a longer prompt than one.
+    grid = ["--lengths", "480", "--depths", "0.5", "--seed", "3"] if task == "retrieval" else GRID
+    argv = ["eval", "--model", str(text_model_dir), "--task", task, *grid]
+    assert main([*argv, *EVAL_STREAMING, "--json", str(out_json)]) == 0
+    out, _ = capsys.readouterr()
+
+    build = needle_cases if task == "needle" else retrieval_cases
+    cases = build(char_tokenizer(), [int(grid[1])], [float(d) for d in grid[3].split(",")], seed=3)
+    model = kv_model("llama", "streaming", 64, chunk_size=64, sink=2)
+    answers = [answer_case(model, char_tokenizer(), case) for case in cases]
+    doc = json.loads(out_json.read_text())
+    assert [c["output"] for c in doc["cases"]] == [a.output for a in answers]
+    assert [c["id"] for c in doc["cases"]] == [c.id for c in cases]
+    assert [c["cache_bytes"] for c in doc["cases"]] == [a.cache_bytes for a in answers]
+    hits, n = sum(a.correct for a in answers), len(answers)
+    assert doc["accuracy"] == hits / n
+    assert doc["options"] == {"budget": 64, "sink": 2}
+    assert f"| length \\ depth | {' | '.join(grid[3].split(','))} | all |" in out
+    assert f"accuracy: {100 * hits / n:.1f}% ({hits}/{n})" in out
+
+
+def test_eval_perplexity_matches_continuation_nll(text_model_dir, fake_corpus, tmp_path, capsys):
+    out_json = tmp_path / "ppl.json"
+    argv = ["eval", "--model", str(text_model_dir), "--task", "perplexity", "--windows", "2"]
+    argv += ["--context", "60", "--continuation", "8", "--json", str(out_json)]
+    assert main(argv) == 0
+    out, _ = capsys.readouterr()
+    windows = austen_windows(char_tokenizer(), 60, 8, 2)
+    model = kv_model("llama", chunk_size=512)
+    nlls = [continuation_nll(model, w, 60) for w in windows]
+    doc = json.loads(out_json.read_text())
+    got = [r["perplexity"] for r in doc["cases"]]
+    assert got[:2] == pytest.approx([perplexity(nll) for nll in nlls], rel=1e-5)
+    assert got[2] == pytest.approx(perplexity(torch.cat(nlls)), rel=1e-5)
+    assert doc["perplexity"] == got[2]
+    assert f"| all | {got[2]:.3f} |" in out
+
+
+def test_eval_exports_the_cases_of_all_tasks(text_model_dir, fake_corpus, tmp_path, capsys):
+    path = tmp_path / "cases.json"
+    argv = ["eval", "--model", str(text_model_dir), "--lengths", "600", "--depths", "0.5"]
+    argv += ["--windows", "1", "--context", "50", "--continuation", "10"]
+    assert main([*argv, "--export-cases", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path}: 1 perplexity windows, 1 needle and 1 retrieval cases\n"
+    )
+    doc = json.loads(path.read_text())
+    (window,) = austen_windows(char_tokenizer(), 50, 10, 1)
+    assert doc["model"] == str(text_model_dir)
+    assert doc["perplexity"][0]["context"] == window[0, :50].tolist()
+    assert doc["needle"][0]["prompt"] == needle_cases(char_tokenizer(), [600], [0.5])[0].prompt
+    assert (
+        doc["retrieval"][0]["answer"] == retrieval_cases(char_tokenizer(), [600], [0.5])[0].answer
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lengths", "abc"], "--lengths must be comma-separated numbers, e.g. 1024,4096"),
+        (["--depths", "0.5,2"], "depths must be fractions in [0, 1]"),
+        (["--lengths", "600"], "needs 608 positions, the model has 512; ask for shorter --lengths"),
+        (["--task", "perplexity", "--context", "9000"], "ask for a shorter --context"),
+        (["--samples", "0"], "--samples must be a positive integer"),
+    ],
+    ids=["lengths", "depths", "too-long", "no-window", "samples"],
+)
+def test_eval_bad_input_is_one_line(options, message, text_model_dir, fake_corpus, capsys):
+    assert main(["eval", "--model", str(text_model_dir), *options]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("kvslim-fx: error: ") and message in err
