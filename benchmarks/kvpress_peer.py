@@ -3,32 +3,31 @@
 kvpress==0.5.5 needs transformers<5.3, so this script runs in its own environment, built by
 ``scripts/setup-kvpress``. It reads a tasks file written by the main harness (token ids, so both
 sides see the same prompts token for token) and writes one JSON row per (press, budget, task,
-item); finished rows are kept and skipped on a rerun, so an interrupted run resumes::
+item); finished rows are kept and skipped on a rerun, so an interrupted run resumes. Two steps,
+one per venv; benchmarks/quality.py then merges the rows into its tables and plot (it reads
+``kvpress.json`` beside its output, matching rows to its windows and cases by id and token
+digest)::
 
     scripts/setup-kvpress
-    .venv-kvpress/bin/python benchmarks/kvpress_peer.py run --tasks TASKS.json \\
-        --presses none,streaming,snapkv,tova,knorm,expected_attention,merging_tova,cam \\
+    .venv/bin/python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
+        --write-cases benchmarks/results/kvpress_tasks.json
+    .venv-kvpress/bin/python benchmarks/kvpress_peer.py \\
+        --tasks benchmarks/results/kvpress_tasks.json \\
+        --presses none,streaming,snapkv,tova,knorm,expected_attention,merging_tova,\\
+merging_expected_attention,cam \\
         --budgets 0.125,0.25,0.5 --threads 1 --out benchmarks/results/kvpress.json
 
-Any tasks file of the schema below works: the main harness's (``kvslim_fx.case_export``, all
-three tasks) or this script's own ``make-tasks`` (run in the main venv: the Austen windows of
-benchmarks/quality.py, same seed, optionally with reference NLLs). The full 8k perplexity sweep
-(context 8064 + continuation 128, as benchmarks/quality.py; about 1-2 min a row on 1 thread)::
-
-    .venv/bin/python benchmarks/kvpress_peer.py make-tasks --context 8064 --continuation 128 \\
-        --windows 2 --out benchmarks/results/kvpress_tasks_8k.json
-    .venv-kvpress/bin/python benchmarks/kvpress_peer.py run \\
-        --tasks benchmarks/results/kvpress_tasks_8k.json --presses none,streaming,snapkv,tova,\\
-    knorm,expected_attention,merging_tova,merging_expected_attention,cam \\
-        --budgets 0.125,0.25,0.5 --threads 1 --out benchmarks/results/kvpress.json
-
-(one process; add ``--task perplexity`` etc. to split it; rerunning skips the finished rows).
+``quality.py --write-cases`` takes the same settings as its sweep (``--context``,
+``--continuation``, ``--windows``, ``--lengths``, ``--depths``, ``--samples``, ``--seed``) and
+writes exactly the windows and cases the sweep scores (``kvslim_fx.case_export.write_cases``;
+``kvslim-fx eval --export-cases`` writes the same schema). Add ``--task perplexity`` etc. to
+split the peer run; rerunning skips the finished rows. The 8k perplexity windows take about
+1-2 min a row on 1 thread.
 
 Tasks file: ``{"model": str, "perplexity": [{"id", "context": [ids], "continuation": [ids]}],
 "needle": [{"id", "length", "depth", "prompt": [ids], "answer": str}], "retrieval": [same]}``;
-any list may be missing or empty (kvslim_fx.case_export.write_cases writes it). A perplexity
-item may also carry ``reference_nll`` and ``kvslim_full_nll`` (the plain HF model's and kvslim_fx
-``full``'s, from ``make-tasks --reference``): rows then record their error against them.
+any list may be missing or empty. Each row records ``tokens_sha1``, the digest of the ids that
+benchmarks/quality.py records as ``window_sha1`` / ``prompt_sha1``, and the ``dtype``.
 
 How kvpress compresses, and so what the numbers mean:
 
@@ -50,7 +49,8 @@ How kvpress compresses, and so what the numbers mean:
   number in the decoded text is the answer, as the main harness scores it (``contains_answer``,
   the answer anywhere in the text, is recorded too).
 
-``--presses`` names: ``none`` (no press: the reference, one cell at budget 1), ``streaming``,
+``--presses`` names: ``none`` (no press, one cell at budget 1: the reference; its Δ vs ``full``
+in benchmarks/quality.py's table checks these loops against kvslim_fx), ``streaming``,
 ``snapkv``, ``tova``, ``knorm``, ``expected_attention`` (kvpress's defaults for each), any of the
 last five as ``merging_<name>`` (kvpress's MergingPress around it), and ``cam``. The budget is the
 fraction of the prompt kept: ``compression_ratio = 1 - budget``.
@@ -59,6 +59,7 @@ fraction of the prompt kept: ``compression_ratio = 1 - budget``.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import datetime as dt
 import hashlib
@@ -166,6 +167,14 @@ def item_digest(task: str, item: dict) -> str:
     keys = ("context", "continuation") if task == "perplexity" else ("prompt", "answer")
     blob = json.dumps([item[k] for k in keys], separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def tokens_digest(task: str, item: dict) -> str:
+    """benchmarks/quality.py's ``digest`` of the same ids (the whole window, or the prompt): how
+    it matches these rows to its own windows and cases, token for token."""
+    ids = item["context"] + item["continuation"] if task == "perplexity" else item["prompt"]
+    # int64 in native byte order, as quality.py's torch.long tensor bytes.
+    return hashlib.sha1(array.array("q", ids).tobytes()).hexdigest()[:16]
 
 
 def row_key(press: str, budget: float, task: str, item_id: str, digest: str, dtype: str) -> str:
@@ -494,6 +503,8 @@ def run(args: argparse.Namespace) -> int:
                     "task": task,
                     "id": str(item["id"]),
                     "item_sha1": digest,
+                    "tokens_sha1": tokens_digest(task, item),
+                    "dtype": args.dtype,
                     "prompt_tokens": len(prompt),
                     "phase": "decode" if decode_press is not None else "prefill",
                     "press_repr": repr(decode_press or prefill_press),
@@ -506,16 +517,6 @@ def run(args: argparse.Namespace) -> int:
                     row["mean_nll"] = float(nll.double().mean())
                     row["perplexity"] = math.exp(row["mean_nll"])
                     full_tokens = len(prompt)
-                    for name in ("reference", "kvslim_full"):
-                        if f"{name}_nll" not in item:
-                            continue
-                        # How far from the uncompressed NLL: ~1e-7 for `none` validates the loop.
-                        ref = torch.tensor(item[f"{name}_nll"], dtype=torch.float64)
-                        row[f"{name}_mean_nll"] = float(ref.mean())
-                        row[f"{name}_mean_nll_rel_err"] = abs(
-                            row["mean_nll"] / float(ref.mean()) - 1
-                        )
-                        row[f"{name}_max_abs_nll_err"] = float((nll.double() - ref).abs().max())
                     msg = f"ppl {row['perplexity']:.3f}"
                 else:
                     ids, info = greedy_decode(
@@ -559,41 +560,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# make-tasks: runs in the main venv (kvslim_fx), a stopgap until the main harness writes tasks.
-
-
-def make_tasks(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from kvslim_fx.evaluate import austen_windows, reference_nll
-    from kvslim_fx.evaluate import continuation_nll as kv_nll
-    from kvslim_fx.models import load_default_model, resolve_model
-    from kvslim_fx.transform import transform
-
-    hf, tokenizer = load_default_model()
-    windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
-    full = transform(hf, "full") if args.reference else None
-    items = []
-    for i, window in enumerate(windows):
-        ids = window[0].tolist()
-        item = {
-            "id": f"window-{i}",
-            "context": ids[: args.context],
-            "continuation": ids[args.context :],
-        }
-        if args.reference:
-            # The plain HF model in one forward pass, and kvslim_fx's full cache step by step.
-            item["reference_nll"] = [float(x) for x in reference_nll(hf, window, args.context)]
-            item["kvslim_full_nll"] = [float(x) for x in kv_nll(full, window, args.context)]
-        items.append(item)
-    tasks = {"model": str(resolve_model(None)), "perplexity": items, "needle": [], "retrieval": []}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(tasks) + "\n")
-    log(f"wrote {len(items)} perplexity item(s) to {args.out}")
-    return 0
-
-
 def default_model() -> Path:
     root = os.environ.get("KVSLIM_FX_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "kvslim_fx"
@@ -602,43 +568,36 @@ def default_model() -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run kvpress presses on a tasks file (in .venv-kvpress)")
-    r.add_argument("--tasks", type=Path, required=True, help="tasks JSON from the main harness")
-    r.add_argument("--model", type=Path, default=default_model(), help="HF checkpoint folder")
-    r.add_argument("--presses", default="none,streaming,snapkv,tova,knorm,expected_attention")
-    r.add_argument(
+    p.add_argument(
+        "--tasks",
+        type=Path,
+        required=True,
+        help="tasks JSON from the main harness (benchmarks/quality.py --write-cases)",
+    )
+    p.add_argument("--model", type=Path, default=default_model(), help="HF checkpoint folder")
+    p.add_argument("--presses", default="none,streaming,snapkv,tova,knorm,expected_attention")
+    p.add_argument(
         "--budgets", default="0.25", help="fractions of the prompt kept, comma-separated"
     )
-    r.add_argument("--task", dest="tasks_only", action="append", choices=TASKS, help="only these")
-    r.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    r.add_argument(
+    p.add_argument("--task", dest="tasks_only", action="append", choices=TASKS, help="only these")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
         "--max-new-tokens", type=int, default=None, help="greedy answer length (len(answer) + 3)"
     )
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    r.add_argument("--seed", type=int, default=0, help="torch seed set before each row")
-    r.add_argument("--out", default="benchmarks/results/kvpress.json", help="results JSON")
-    m = sub.add_parser("make-tasks", help="Austen perplexity windows as a tasks file (main venv)")
-    m.add_argument("--context", type=int, default=8064)
-    m.add_argument("--continuation", type=int, default=128)
-    m.add_argument("--windows", type=int, default=2)
-    m.add_argument("--seed", type=int, default=0, help="window seed (as benchmarks/quality.py)")
-    m.add_argument("--reference", action="store_true", help="add the HF and kvslim_fx full NLL")
-    m.add_argument("--threads", type=int, default=None)
-    m.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="torch seed set before each row")
+    p.add_argument("--out", default="benchmarks/results/kvpress.json", help="results JSON")
     args = p.parse_args(argv)
-    if args.command == "run":
-        try:
-            args.presses = parse_presses(args.presses)
-            args.budgets = parse_budgets(args.budgets)
-        except ValueError as e:
-            p.error(str(e))
+    try:
+        args.presses = parse_presses(args.presses)
+        args.budgets = parse_budgets(args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run(args) if args.command == "run" else make_tasks(args)
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

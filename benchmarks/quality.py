@@ -15,6 +15,25 @@ Three tasks (``--tasks``), every (method, budget) cell computed through the comp
     python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
         --methods full,streaming,kvslimmer --budgets 0.125,0.25,0.5,1024
 
+NVIDIA kvpress's presses join the same tables and plot as ``kvpress:<press>`` rows, scored on the
+same token ids. Two steps, one per venv (kvpress needs an older transformers): write this sweep's
+windows and cases (same settings as the sweep: seed, context, continuation, windows, lengths,
+depths, samples), run the peer on them, then rerun the sweep; it reads ``kvpress.json`` beside
+``OUT`` (or ``--peer FILE``) and keeps only the rows whose id and token digest match its own::
+
+    scripts/setup-kvpress
+    .venv/bin/python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
+        --write-cases benchmarks/results/kvpress_tasks.json
+    .venv-kvpress/bin/python benchmarks/kvpress_peer.py \\
+        --tasks benchmarks/results/kvpress_tasks.json \\
+        --presses none,streaming,snapkv,tova,knorm,expected_attention,merging_tova,\\
+merging_expected_attention,cam \\
+        --budgets 0.125,0.25,0.5 --threads 1 --out benchmarks/results/kvpress.json
+    .venv/bin/python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
+        --methods full,streaming,kvslimmer --budgets 0.125,0.25,0.5
+
+(the markdown then states these commands with its own settings).
+
 Why 8064 + 128 for perplexity: SmolLM2-135M has 8192 positions and the window must fit them, so
 the longest context that leaves a 128-token continuation is 8192 - 128 = 8064.
 
@@ -34,6 +53,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -44,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from kvslim_fx.case_export import write_cases
 from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
 from kvslim_fx.haystack import Case, needle_cases, retrieval_cases
 from kvslim_fx.methods import METHODS
@@ -60,6 +81,15 @@ TITLES = {
     "retrieval": "Retrieval (four keys, one asked)",
 }
 OUT = "benchmarks/results/quality"
+PEER = "kvpress.json"  # the peer's results, beside OUT unless --peer says otherwise
+PEER_TASKS = "kvpress_tasks.json"  # the cases written for it, beside OUT
+PEER_PREFIX = "kvpress:"
+# Used when the peer's metadata carries no note of its own (its COMPRESSION_NOTE).
+PEER_CAVEATS = (
+    "kvpress compresses once, at the end of prefill (its prefill attends over the whole "
+    "uncompressed prompt, in one pass); the continuation or answer is then decoded through the "
+    "compressed cache, which grows by one slot per token."
+)
 
 Budget = int | float | None
 """``None``: keep everything (``full``); an int: slots per layer; a float: a prompt fraction."""
@@ -96,6 +126,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=OUT, help="output path stem")
     p.add_argument(
+        "--peer",
+        default=None,
+        metavar="FILE",
+        help=f"kvpress peer results (benchmarks/kvpress_peer.py) to merge into the tables and plot "
+        f"as {PEER_PREFIX}<press> rows; default: {PEER} beside OUT, if it exists",
+    )
+    p.add_argument(
+        "--write-cases",
+        default=None,
+        metavar="FILE",
+        help="instead of scoring, write the token ids of --tasks' windows and cases (these "
+        "settings) to FILE for benchmarks/kvpress_peer.py, then exit",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="only check that full's NLL equals one HF forward pass on each window, then exit",
@@ -114,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
     except ValueError as err:
         p.error(str(err))
+    # Checked now, not after hours of cells; --write-cases comes before the peer has run.
+    if args.peer and not args.write_cases and not Path(args.peer).is_file():
+        p.error(f"--peer {args.peer}: no such file")
     return args
 
 
@@ -284,20 +331,23 @@ def run_perplexity(hf, tokenizer, args: argparse.Namespace, results: dict, path:
         del model
 
 
+def perplexity_cells(results: dict, args: argparse.Namespace) -> list[dict]:
+    """The finished perplexity cells of the requested windows and settings."""
+    wanted = (args.context, args.continuation, args.dtype, args.seed)
+    return [
+        cell
+        for cell in results["cells"].values()
+        if cell_task(cell) == "perplexity"
+        and cell["window"] < args.windows
+        and tuple(cell["settings"][k] for k in ("context", "continuation", "dtype", "seed"))
+        == wanted
+    ]
+
+
 def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
     """One perplexity row per (method, budget) over the requested windows, in a stable order."""
     groups: dict[tuple[str, int | None], list[dict]] = {}
-    for cell in results["cells"].values():
-        s = cell["settings"]
-        if cell_task(cell) != "perplexity" or cell["window"] >= args.windows:
-            continue
-        if (s["context"], s["continuation"], s["dtype"], s["seed"]) != (
-            args.context,
-            args.continuation,
-            args.dtype,
-            args.seed,
-        ):
-            continue
+    for cell in perplexity_cells(results, args):
         groups.setdefault((cell["method"], cell["budget_slots"]), []).append(cell)
     full = groups.get(("full", None), [])
     full_by_window = {c["window"]: c["perplexity"] for c in full}
@@ -344,7 +394,19 @@ def _merge_totals(cells: list[dict]) -> list[float] | None:
     ]  # mean over windows of the sum over layers
 
 
-def perplexity_table(rows: list[dict]) -> str:
+def coverage(n: int, of: int) -> str:
+    """``n`` windows or cases, saying so when it is fewer than the table's ``of``."""
+    return f"{n}" if n == of else f"{n} of {of}"
+
+
+def bytes_kept(row: dict) -> str:
+    text = f"{row['cache_bytes'] / 2**20:.1f} MiB"
+    # A kvpress prefill press compresses once: its cache then grows a slot per decoded token.
+    end = row.get("cache_bytes_end")
+    return text if end is None or end == row["cache_bytes"] else f"{text} → {end / 2**20:.1f}"
+
+
+def perplexity_table(rows: list[dict], windows: int) -> str:
     lines = [
         "| method | budget (slots) | windows | cache bytes kept | % of full | perplexity "
         "| Δ vs full | per window | s / window (prefill + decode) |",
@@ -357,8 +419,8 @@ def perplexity_table(rows: list[dict]) -> str:
         delta = "" if r["delta_vs_full"] is None else f"{r['delta_vs_full']:+.3f}"
         pct = 100 * r["cache_bytes"] / r["full_cache_bytes"]
         lines.append(
-            f"| {r['method']} | {slots} | {r['windows']} "
-            f"| {r['cache_bytes'] / 2**20:.1f} MiB | {pct:.1f}% "
+            f"| {r['method']} | {slots} | {coverage(r['windows'], windows)} "
+            f"| {bytes_kept(r)} | {pct:.1f}% "
             f"| {r['quality']:.3f} | {delta} | "
             + ", ".join(f"{p:.3f}" for p in r["per_window"])
             + f" | {r['seconds']:.1f} ({r['prefill_s']:.1f} + {r['decode_s']:.1f}) |"
@@ -413,20 +475,28 @@ def run_cases(hf, tokenizer, task: str, args: argparse.Namespace, results: dict,
         del model
 
 
+def grid_size(args: argparse.Namespace) -> int:
+    return len(args.lengths) * len(args.depths) * args.samples
+
+
+def case_cells(results: dict, args: argparse.Namespace, task: str) -> list[dict]:
+    """The finished cells of ``task`` on the requested grid and settings."""
+    return [
+        cell
+        for cell in results["cells"].values()
+        if cell_task(cell) == task
+        and (cell["settings"]["dtype"], cell["settings"]["seed"]) == (args.dtype, args.seed)
+        and cell["length"] in args.lengths
+        and cell["depth"] in args.depths
+        and cell["sample"] < args.samples
+    ]
+
+
 def summarize_cases(results: dict, args: argparse.Namespace, task: str) -> list[dict]:
     """One row per (method, budget) over the requested grid's cases, in a stable order."""
-    size = len(args.lengths) * len(args.depths) * args.samples
+    size = grid_size(args)
     groups: dict[tuple[str, str], list[dict]] = {}
-    for cell in results["cells"].values():
-        s = cell["settings"]
-        if (
-            cell_task(cell) != task
-            or (s["dtype"], s["seed"]) != (args.dtype, args.seed)
-            or cell["length"] not in args.lengths
-            or cell["depth"] not in args.depths
-            or cell["sample"] >= args.samples
-        ):
-            continue
+    for cell in case_cells(results, args, task):
         groups.setdefault((cell["method"], cell["budget"]), []).append(cell)
     order = {m: i for i, m in enumerate(METHODS)}
     rows = []
@@ -454,7 +524,7 @@ def summarize_cases(results: dict, args: argparse.Namespace, task: str) -> list[
     return rows
 
 
-def accuracy_table(rows: list[dict], lengths: list[int]) -> str:
+def accuracy_table(rows: list[dict], lengths: list[int], size: int) -> str:
     lines = [
         "| method | budget | cases | cache bytes kept (mean) | % of full | accuracy | "
         + " | ".join(f"{n} tokens" for n in lengths)
@@ -467,12 +537,173 @@ def accuracy_table(rows: list[dict], lengths: list[int]) -> str:
             f"{100 * r['per_length'][n]:.0f}%" if n in r["per_length"] else "" for n in lengths
         ]
         lines.append(
-            f"| {r['method']} | {r['budget']} | {r['cases']} | {r['cache_bytes'] / 2**20:.1f} MiB "
+            f"| {r['method']} | {r['budget']} | {coverage(r['cases'], size)} | {bytes_kept(r)} "
             f"| {pct:.1f}% | {100 * r['quality']:.1f}% | "
             + " | ".join(per_length)
             + f" | {r['seconds']:.1f} |"
         )
     return "\n".join(lines)
+
+
+# --- kvpress peer ---
+
+
+def load_peer(args: argparse.Namespace) -> dict | None:
+    """The peer's results (``meta``, ``rows``) and their ``path``; None when there are none."""
+    path = Path(args.peer) if args.peer else Path(args.out).with_name(PEER)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()) | {"path": str(path)}
+
+
+def write_peer_cases(hf, tokenizer, args: argparse.Namespace) -> Path:
+    """The windows and cases of ``--tasks`` as this sweep builds them, for the peer to score."""
+    windows = (
+        austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
+        if "perplexity" in args.tasks
+        else []
+    )
+    cases = {
+        task: build(tokenizer, args.lengths, args.depths, samples=args.samples, seed=args.seed)
+        if task in args.tasks
+        else []
+        for task, build in CASE_BUILDERS.items()
+    }
+    path = Path(args.write_cases)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_cases(path, hf.config.name_or_path, windows, args.context, **cases)
+
+
+def peer_groups(
+    peer: dict, task: str, matches: set[tuple[str, str]], dtype: str
+) -> list[tuple[str, float, list[dict]]]:
+    """``(press, budget, rows)`` of ``task`` whose ``(id, token digest)`` is in ``matches``.
+
+    The digest pins the very token ids, so a tasks file written with other settings (another
+    seed or length, same ids) contributes nothing. Rows without one predate it and are left out.
+    """
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in peer["rows"]:
+        if (
+            row["task"] == task
+            and row.get("dtype") == dtype
+            and (row["id"], row.get("tokens_sha1")) in matches
+        ):
+            groups.setdefault((row["press"], row["budget_fraction"]), []).append(row)
+    # Presses in the order the peer ran them (its --presses), budgets ascending.
+    order = {press: i for i, press in enumerate(dict.fromkeys(r["press"] for r in peer["rows"]))}
+    return [
+        (press, budget, rows)
+        for (press, budget), rows in sorted(
+            groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
+        )
+    ]
+
+
+def _peer_common(press: str, budget: float, rows: list[dict]) -> dict:
+    """The fields a peer row shares between the two tables: name, bytes, seconds, threads."""
+    return {
+        "method": PEER_PREFIX + press,
+        "budget": f"{budget:g}",
+        "cache_bytes": statistics.fmean(r["cache_bytes"] for r in rows),
+        "cache_bytes_end": statistics.fmean(r["cache_bytes_end"] for r in rows),
+        "full_cache_bytes": statistics.fmean(r["full_cache_bytes"] for r in rows),
+        "seconds": statistics.fmean(r["prefill_s"] + r["decode_s"] for r in rows),
+        "threads": sorted({r["threads"] for r in rows}, key=str),
+    }
+
+
+def peer_perplexity_rows(peer: dict, cells: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Perplexity rows of the peer over the windows of ``cells`` (this table's)."""
+    window = {f"window-{c['window']}": c["window"] for c in cells}
+    matches = {(f"window-{c['window']}", c["window_sha1"]) for c in cells}
+    full = {c["window"]: c["perplexity"] for c in cells if c["method"] == "full"}
+    out = []
+    for press, budget, rows in peer_groups(peer, "perplexity", matches, args.dtype):
+        rows.sort(key=lambda r: window[r["id"]])
+        ppl = [math.exp(statistics.fmean(r["nll"])) for r in rows]
+        paired = [p - full[window[r["id"]]] for p, r in zip(ppl, rows, strict=True)
+                  if window[r["id"]] in full]  # fmt: skip
+        out.append(
+            _peer_common(press, budget, rows)
+            | {
+                "budget_slots": rows[0]["cache_slots"],
+                "budget_frac": budget,
+                "windows": len(rows),
+                "complete": len(rows) == args.windows,
+                "quality": statistics.fmean(ppl),
+                "per_window": ppl,
+                "delta_vs_full": statistics.fmean(paired) if paired else None,
+                "prefill_s": statistics.fmean(r["prefill_s"] for r in rows),
+                "decode_s": statistics.fmean(r["decode_s"] for r in rows),
+                "merges": None,
+            }
+        )
+    return out
+
+
+def peer_case_rows(
+    peer: dict, cells: list[dict], args: argparse.Namespace, task: str
+) -> list[dict]:
+    """Needle or retrieval rows of the peer over the cases of ``cells`` (this table's)."""
+    matches = {(c["id"], c["prompt_sha1"]) for c in cells}
+    out = []
+    for press, budget, rows in peer_groups(peer, task, matches, args.dtype):
+        out.append(
+            _peer_common(press, budget, rows)
+            | {
+                "cases": len(rows),
+                "complete": len(rows) == grid_size(args),
+                "quality": statistics.fmean(r["correct"] for r in rows),
+                "per_length": {
+                    n: statistics.fmean(r["correct"] for r in rows if r["length"] == n)
+                    for n in args.lengths
+                    if any(r["length"] == n for r in rows)
+                },
+            }
+        )
+    return out
+
+
+def peer_commands(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict) -> str:
+    """The two steps that recompute the peer's rows of ``tables``, then the merging rerun."""
+    rows = [r for task_rows in tables.values() for r in task_rows if is_peer(r["method"])]
+    meta = peer["meta"]
+    tasks = meta.get("tasks") or str(Path(args.out).with_name(PEER_TASKS))
+    presses = dict.fromkeys(r["method"].removeprefix(PEER_PREFIX) for r in rows)
+    # `none` runs at budget 1, whatever --budgets says; the others take fractions below 1.
+    budgets = sorted({r["budget"] for r in rows} - {"1"}, key=float)
+    argv = [".venv-kvpress/bin/python", "benchmarks/kvpress_peer.py", "--tasks", tasks]
+    argv += ["--presses", ",".join(presses)] + (["--budgets", ",".join(budgets)] if budgets else [])
+    argv += ["--dtype", args.dtype]
+    for flag, key in (
+        ("--max-new-tokens", "max_new_tokens"),
+        ("--seed", "seed"),
+        ("--threads", "threads"),
+    ):
+        argv += [flag, str(meta[key])] if meta.get(key) is not None else []
+    argv += ["--out", peer["path"]]
+    rerun = command(args, tables, python=".venv/bin/python")
+    return "\n".join([f"{rerun} --write-cases {shlex.quote(tasks)}", shlex.join(argv), rerun])
+
+
+def is_peer(method: str) -> bool:
+    return method.startswith(PEER_PREFIX)
+
+
+def build_tables(
+    results: dict, args: argparse.Namespace, peer: dict | None
+) -> dict[str, list[dict]]:
+    """Every task with finished cells for these settings, the peer's matching rows after them."""
+    ppl_cells = perplexity_cells(results, args)
+    tables = {"perplexity": summarize(results, args)}
+    if peer and tables["perplexity"]:
+        tables["perplexity"] += peer_perplexity_rows(peer, ppl_cells, args)
+    for task in CASE_BUILDERS:
+        tables[task] = summarize_cases(results, args, task)
+        if peer and tables[task]:
+            tables[task] += peer_case_rows(peer, case_cells(results, args, task), args, task)
+    return {task: rows for task, rows in tables.items() if rows}
 
 
 # --- shared ---
@@ -504,12 +735,13 @@ def _threads_note(rows: list[dict]) -> str:
     return f"CPU threads per cell (not the same for all rows, compare timings with care): {per_row}"
 
 
-def command(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
-    """The command line that computes every row of ``tables`` (rerunning none that is done)."""
-    rows = [r for task_rows in tables.values() for r in task_rows]
+def command(args: argparse.Namespace, tables: dict[str, list[dict]], python: str = "python") -> str:
+    """The command line that computes every kvslim row of ``tables`` (rerunning none that is
+    done) and merges the peer's."""
+    rows = [r for task_rows in tables.values() for r in task_rows if not is_peer(r["method"])]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["budget"] for r in rows} - {"all"}, key=budget_order)
-    argv = ["python", "benchmarks/quality.py", "--tasks", ",".join(tables)]
+    argv = [python, "benchmarks/quality.py", "--tasks", ",".join(tables)]
     argv += ["--methods", ",".join(methods)] + (["--budgets", ",".join(budgets)] if budgets else [])
     if "perplexity" in tables:
         argv += ["--context", str(args.context), "--continuation", str(args.continuation)]
@@ -521,10 +753,11 @@ def command(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
     argv += ["--dtype", args.dtype, "--seed", str(args.seed), "--chunk-size", str(args.chunk_size)]
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--out", args.out] if args.out != OUT else []
+    argv += ["--peer", args.peer] if args.peer else []
     return shlex.join(argv)
 
 
-def markdown(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
+def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict | None) -> str:
     md = [
         "# Quality of compressed KV caches",
         "",
@@ -539,6 +772,27 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
         "```",
         "",
     ]
+    if peer and any(is_peer(r["method"]) for rows in tables.values() for r in rows):
+        meta = peer["meta"]
+        source = [f"{k} {meta[k]}" for k in ("kvpress", "transformers", "torch") if k in meta]
+        source += [f"`{peer['path']}`", "`benchmarks/kvpress_peer.py`"]
+        md += [
+            f"`{PEER_PREFIX}<press>` rows: NVIDIA kvpress's presses ({', '.join(source)}) on the "
+            "same token ids, each row over only the windows or cases whose id and token digest "
+            "match this table's (fewer than the table's are shown as *n of N*, and such rows "
+            f"stay off the plot). {meta.get('compression', PEER_CAVEATS)} So its cache bytes are "
+            "K and V only, no per-slot metadata, as held after prefill (→ at the end of "
+            "decoding, grown by the decoded tokens), and its % of full is against its own "
+            "uncompressed K/V of the prompt; its seconds are another harness's (HF, unchunked "
+            "prefill). Regenerate in two steps, one per venv (the cases with the main venv, the "
+            "peer with `.venv-kvpress` from `scripts/setup-kvpress`), then rerun this script "
+            "to merge:",
+            "",
+            "```bash",
+            peer_commands(args, tables, peer),
+            "```",
+            "",
+        ]
     for task, rows in tables.items():
         md += [f"## {TITLES[task]}", ""]
         if task == "perplexity":
@@ -548,7 +802,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
                 f"Perplexity: mean over windows; Δ vs full over the same windows. Seconds: wall "
                 f"time, {_threads_note(rows)}.",
                 "",
-                perplexity_table(rows),
+                perplexity_table(rows, args.windows),
                 "",
             ]
             merge_rows = [r for r in rows if r["merges"]]
@@ -573,7 +827,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]]) -> str:
                 f"first number generated is the hidden one. Seconds: wall time per case, "
                 f"{_threads_note(rows)}.",
                 "",
-                accuracy_table(rows, args.lengths),
+                accuracy_table(rows, args.lengths, grid_size(args)),
                 "",
             ]
     return "\n".join(md)
@@ -601,6 +855,8 @@ def plot(tables: dict[str, list[dict]], path: Path) -> bool:
             if method == "full":
                 ax.axhline(pts[0][1], color="gray", ls="--", lw=1)
                 ax.plot(*zip(*pts, strict=True), "k*", ms=10, label="full")
+            elif is_peer(method):
+                ax.plot(*zip(*pts, strict=True), "s:", mfc="none", label=method)
             else:
                 ax.plot(*zip(*pts, strict=True), "o-", label=method)
         ax.set_xscale("log")
@@ -640,6 +896,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer, args.context, args.continuation, args.windows, args.seed
         )
         return run_check(hf, windows, args)
+    if args.write_cases:
+        log(
+            f"wrote the cases of {', '.join(args.tasks)} to {write_peer_cases(hf, tokenizer, args)}"
+        )
+        return 0
 
     out = Path(args.out)
     json_path = out.with_suffix(".json")
@@ -661,10 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     save_results(json_path, results)
 
     # Every task with finished cells for these settings, run now or before.
-    tables = {"perplexity": summarize(results, args)}
-    tables |= {task: summarize_cases(results, args, task) for task in CASE_BUILDERS}
-    tables = {task: rows for task, rows in tables.items() if rows}
-    text = markdown(args, tables)
+    peer = load_peer(args)
+    tables = build_tables(results, args, peer)
+    text = markdown(args, tables, peer)
     print(text)
     out.with_suffix(".md").write_text(text)
     if tables and plot(tables, out.with_suffix(".png")):

@@ -54,6 +54,17 @@ def test_press_names_and_budgets():
     ]
 
 
+def test_command_line():
+    args = peer.parse_args(["--tasks", "t.json", "--presses", "none,tova", "--budgets", "0.25"])
+    assert (args.presses, args.budgets, args.out) == (
+        ["none", "tova"],
+        [0.25],
+        "benchmarks/results/kvpress.json",
+    )
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--tasks", "t.json", "--presses", "h2o"])
+
+
 def test_make_press_none_needs_no_kvpress():
     assert peer.make_press("none", 1.0, 100) == (None, None)
 
@@ -78,6 +89,12 @@ def test_row_keys_follow_the_tokens():
     b = dict(a, prompt=[1, 2, 4])
     assert peer.item_digest("needle", a) == peer.item_digest("needle", dict(a, depth=0.9))
     assert peer.item_digest("needle", a) != peer.item_digest("needle", b)
+    # The token digest (benchmarks/quality.py's, tested there) covers the ids only, and a
+    # perplexity window whole: the same ids as one prompt digest alike.
+    window = {"context": [1, 2], "continuation": [3]}
+    assert peer.tokens_digest("perplexity", window) == peer.tokens_digest("needle", a)
+    assert peer.tokens_digest("needle", a) == peer.tokens_digest("needle", dict(a, answer="7"))
+    assert peer.tokens_digest("needle", a) != peer.tokens_digest("needle", b)
     key = peer.row_key("tova", 0.25, "needle", "x", "d", "float32")
     assert key == "tova|budget=0.25|needle|x|d|float32"
 

@@ -1,9 +1,11 @@
-"""benchmarks/quality.py on a tiny model: every task's cells, resuming, older result files."""
+"""benchmarks/quality.py on a tiny model: every task's cells, resuming, older result files, and
+the kvpress peer's rows merged into its tables on the same windows and cases."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -17,12 +19,17 @@ from kvslim_fx.evaluate import austen_windows
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def quality(monkeypatch):
     """The benchmark module, on the tiny llama, the character tokenizer and a fake corpus."""
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("quality")
     monkeypatch.setattr(evaluate, "austen_text", lambda: dict(BOOKS))
     tiny = (hf_model("llama"), char_tokenizer())
     monkeypatch.setattr(module, "load_default_model", lambda dtype: tiny)
@@ -99,6 +106,141 @@ def test_sweep_writes_every_task_resumes_and_reads_old_cells(quality, tmp_path, 
     monkeypatch.setattr(quality, "continuation_nll", refuse)
     assert quality.main(argv) == 0
     assert out.with_suffix(".md").read_text() == md
+
+    # The peer's tasks file holds exactly these windows and cases: same ids, same token ids.
+    tasks_path = tmp_path / "tasks.json"
+    assert quality.main([*argv, "--write-cases", str(tasks_path)]) == 0
+    peer = load_script("kvpress_peer")
+    tasks = peer.load_tasks(tasks_path)
+    ours = {(f"window-{c['window']}", c["window_sha1"]) for c in cells.values() if "window" in c}
+    ours |= {(c["id"], c["prompt_sha1"]) for c in cells.values() if "prompt_sha1" in c}
+    theirs = {(item["id"], peer.tokens_digest(t, item)) for t in quality.TASKS for item in tasks[t]}
+    assert theirs == ours and len(theirs) == 3
+
+    # Peer rows on those items, beside OUT: the rerun merges them into every table.
+    rows = [
+        peer_row("tova", 0.5, t, item["id"], peer.tokens_digest(t, item), length=item.get("length"))
+        for t in quality.TASKS
+        for item in tasks[t]
+    ]
+    out.with_name("kvpress.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert quality.main(argv) == 0
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| kvpress:tova | ") == 3
+    assert "--presses tova --budgets 0.5 --dtype float32 --out " in md
+
+
+def peer_row(press: str, budget: float, task: str, id_: str, sha: str, **fields) -> dict:
+    """A row as benchmarks/kvpress_peer.py writes it (the fields quality.py reads)."""
+    row = {
+        "press": press,
+        "budget_fraction": budget,
+        "task": task,
+        "id": id_,
+        "tokens_sha1": sha,
+        "dtype": "float32",
+        "cache_bytes": 2**20,
+        "cache_bytes_end": 1.25 * 2**20,
+        "full_cache_bytes": 4 * 2**20,
+        "cache_slots": 15,
+        "prefill_s": 1.0,
+        "decode_s": 2.0,
+        "threads": 1,
+    }
+    if task == "perplexity":
+        row["nll"] = [math.log(fields.pop("ppl", 10.0))] * 2
+    else:
+        row["correct"] = fields.pop("correct", True)
+    return row | fields
+
+
+def fake_results() -> dict:
+    """Two perplexity windows and two needle cases of full and streaming, as quality.py keeps
+    them."""
+    common = {"cache_bytes": 2**20, "full_cache_bytes": 4 * 2**20, "seconds": 3.0, "threads": 1}
+    cells = {}
+    for method, slots in (("full", None), ("streaming", 15)):
+        for window, ppl in ((0, 10.0), (1, 12.0)):
+            cells[f"{method}|ppl|{window}"] = common | {
+                "task": "perplexity",
+                "method": method,
+                "budget": "all" if slots is None else "0.25",
+                "budget_slots": slots,
+                "budget_frac": None if slots is None else 0.25,
+                "window": window,
+                "window_sha1": f"w{window}",
+                "perplexity": ppl,
+                "prefill_s": 1.0,
+                "decode_s": 2.0,
+                "settings": {"context": 60, "continuation": 8, "dtype": "float32", "seed": 0},
+            }
+        for length in (480, 960):
+            cells[f"{method}|needle|{length}"] = common | {
+                "task": "needle",
+                "id": f"needle-{length}-0.5-0",
+                "prompt_sha1": f"n{length}",
+                "method": method,
+                "budget": "all" if slots is None else "0.25",
+                "length": length,
+                "depth": 0.5,
+                "sample": 0,
+                "correct": True,
+                "settings": {"dtype": "float32", "seed": 0},
+            }
+    return {"cells": cells, "runs": []}
+
+
+def test_peer_rows_cover_only_the_tables_windows_and_cases(quality, tmp_path):
+    argv = ["--context", "60", "--continuation", "8", "--windows", "2"]
+    args = quality.parse_args([*argv, "--lengths", "480,960", "--depths", "0.5"])
+    args.out = str(tmp_path / "q")
+    undigested = peer_row("knorm", 0.25, "perplexity", "window-0", "w0")
+    del undigested["tokens_sha1"]
+    rows = [
+        peer_row("none", 1.0, "perplexity", "window-0", "w0", ppl=10.0),
+        peer_row("none", 1.0, "perplexity", "window-1", "w1", ppl=12.0),
+        peer_row("tova", 0.25, "perplexity", "window-0", "w0", ppl=11.0),
+        # Same id, other tokens (a tasks file of other settings): not this table's window.
+        peer_row("tova", 0.25, "perplexity", "window-1", "other", ppl=99.0),
+        # Another dtype, a window the table lacks, a row from before the digest: all left out.
+        peer_row("tova", 0.25, "perplexity", "window-1", "w1", ppl=99.0, dtype="bfloat16"),
+        peer_row("snapkv", 0.25, "perplexity", "window-2", "w2"),
+        undigested,
+        peer_row("tova", 0.25, "needle", "needle-480-0.5-0", "n480", length=480, correct=True),
+        peer_row("tova", 0.25, "needle", "needle-960-0.5-0", "n960", length=960, correct=False),
+    ]
+    meta = {"kvpress": "0.5.5", "tasks": "t.json", "threads": 1, "compression": "NOTE."}
+    peer = {"meta": meta, "rows": rows, "path": "peer.json"}
+    tables = quality.build_tables(fake_results(), args, peer)
+
+    ppl = {r["method"]: r for r in tables["perplexity"]}
+    assert list(ppl) == ["full", "streaming", "kvpress:none", "kvpress:tova"]
+    assert ppl["kvpress:none"]["per_window"] == pytest.approx([10.0, 12.0])
+    assert ppl["kvpress:none"]["delta_vs_full"] == pytest.approx(0.0)  # the same model
+    tova = ppl["kvpress:tova"]
+    assert (tova["windows"], tova["complete"]) == (1, False)
+    assert tova["quality"] == pytest.approx(11.0) and tova["delta_vs_full"] == pytest.approx(1.0)
+    needle = {r["method"]: r for r in tables["needle"]}["kvpress:tova"]
+    assert (needle["cases"], needle["quality"], needle["per_length"]) == (2, 0.5, {480: 1, 960: 0})
+
+    md = quality.markdown(args, tables, peer)
+    assert "| kvpress:tova | 15 (0.25) | 1 of 2 | 1.0 MiB → 1.2 | 25.0% | 11.000 | +1.000 |" in md
+    assert "| kvpress:none | 15 (1) | 2 | 1.0 MiB → 1.2 | 25.0% | 11.000 | +0.000 |" in md
+    assert "| kvpress:tova | 0.25 | 2 | 1.0 MiB → 1.2 | 25.0% | 50.0% | 100% | 0% | 3.0 |" in md
+    assert "kvpress 0.5.5" in md and "NOTE." in md and "K and V only" in md
+    # The three commands: the cases (main venv), the peer (its venv), the merging rerun.
+    steps = md.split("```bash\n")[2].split("\n```")[0].splitlines()
+    assert steps[0].startswith(".venv/bin/python benchmarks/quality.py --tasks perplexity,needle")
+    assert (
+        steps[0].endswith(" --write-cases t.json")
+        and steps[2] + " --write-cases t.json" == steps[0]
+    )
+    assert steps[1] == (
+        ".venv-kvpress/bin/python benchmarks/kvpress_peer.py --tasks t.json --presses none,tova "
+        "--budgets 0.25 --dtype float32 --threads 1 --out peer.json"
+    )
+    assert quality.parse_args(shlex.split(steps[0])[2:]).write_cases == "t.json"
+    assert quality.plot(tables, tmp_path / "q.png")  # the partial kvpress:tova row stays off
 
 
 @pytest.mark.parametrize(
