@@ -9,8 +9,8 @@ slots: ``O(C)`` scalar work to choose, ``O(D)`` to merge, instead of rewriting t
   KV heads unless ``per_head``; times the reference code's recency factor ``exp(-j/γ)`` when
   ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
 * ``kvslim::merge_pair(k, v, logc, pos, hess, score, steps, alpha, out, first, second, do,
-  inv_freq, rotary_dim, eps) -> fallback``: where ``do``, slot ``second`` becomes the merge and
-  slot ``first`` is emptied (in place). The merged key is the closed-form
+  inv_freq, rotary_dim, convex, eps) -> fallback``: where ``do``, slot ``second`` becomes the
+  merge and slot ``first`` is emptied (in place). The merged key is the closed-form
   ``k* = (A k₁' + B k₂)/(A + B)``, ``A = h₁ − h₁₂``, ``B = h₂ − h₁₂``,
   ``h₁₂ = α₁α₂‖m₁ + m₂ − 2o‖₂``, with ``k₁'`` the earlier key rotated forward by the position
   gap; the score-weighted mean where the quadratic is not convex (``fallback``). Values merge as
@@ -114,6 +114,7 @@ def merge_pair_reference(
     do: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
+    convex: bool,
     eps: float,
 ) -> Tensor:
     """Merge slot ``first`` into slot ``second`` where ``do``; returns ``fallback [B, H]``.
@@ -126,6 +127,8 @@ def merge_pair_reference(
         out: ``[B, H, D]`` float32 the step's mean-value attention output ``Σ α_j m_j``.
         first, second: ``[B, H]`` int64 slots; ``do [B, H]`` bool.
         inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
+        convex: clip the closed-form weights to ``[0, 1]`` (``k*`` on the segment between the
+            two keys; the paper's ``k*`` may extrapolate where ``h₁₂`` exceeds one ``h``).
     """
     h1, h2 = _at(hess, first), _at(hess, second)
     s1, s2 = _at(score, first), _at(score, second)
@@ -142,6 +145,9 @@ def merge_pair_reference(
     denom = torch.where(fallback, 1, total)
     w1 = torch.where(fallback, by1, w1 / denom)
     w2 = torch.where(fallback, by2, w2 / denom)
+    if convex:
+        w1, w2 = w1.clamp_min(0), w2.clamp_min(0)
+        w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
 
     k1, k2 = _at(k, first).float(), _at(k, second).float()
     if inv_freq is not None:
@@ -192,11 +198,12 @@ def merge_pair(
     do: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
+    convex: bool,
     eps: float,
 ) -> Tensor:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
     args = (k, v, logc, pos, hess, score, steps, alpha, out, first, second, do, inv_freq,
-            rotary_dim, eps)  # fmt: skip
+            rotary_dim, convex, eps)  # fmt: skip
     if k.is_cuda:
         return merge_pair_triton(*args)
     return merge_pair_reference(*args)

@@ -112,7 +112,7 @@ def _merge_pair(
     sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     ss_b, ss_h, ss_n, sa_b, sa_h, sa_n, so_b, so_h, so_d,
     H, D, HALF, eps,
-    ROPE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr, CONVEX: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -147,6 +147,9 @@ def _merge_pair(
     denom = tl.where(fallback, 1.0, total)
     w1 = tl.where(fallback, by1, w1 / denom)
     w2 = tl.where(fallback, by2, w2 / denom)
+    if CONVEX:
+        w1, w2 = tl.maximum(w1, 0.0), tl.maximum(w2, 0.0)
+        w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
 
     k_row = k_ptr + b * sk_b + h * sk_h
     k1 = tl.load(k_row + i * sk_n + d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -198,6 +201,7 @@ def merge_pair_triton(
     do: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
+    convex: bool,
     eps: float,
 ) -> Tensor:
     """Triton twin of ``merge_pair_reference`` (same arguments, same results)."""
@@ -214,6 +218,6 @@ def merge_pair_triton(
         first.contiguous(), second.contiguous(), do.to(torch.int8).contiguous(), freq, fallback,
         *k.stride(), *v.stride(), *logc.stride(), *alpha.stride(), *out.stride(),
         H, D, rotary_dim // 2 if rope else 0, float(eps),
-        ROPE=rope, BLOCK_D=triton.next_power_of_2(D),
+        ROPE=rope, CONVEX=bool(convex), BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
     return fallback.bool()

@@ -80,9 +80,10 @@ def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, g
     C=st.integers(2, 24),
     D=st.sampled_from([4, 8, 12]),
     rope=st.sampled_from(["none", "full", "partial"]),
+    convex=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_merge_pair_triton_matches_reference(B, H, C, D, rope, seed):
+def test_merge_pair_triton_matches_reference(B, H, C, D, rope, convex, seed):
     cache = _cache(B, H, C, D, seed, shared=False)
     g = torch.Generator().manual_seed(seed + 1)
     alpha = torch.rand(B, H, C, generator=g).to(DEVICE) / C
@@ -95,7 +96,7 @@ def test_merge_pair_triton_matches_reference(B, H, C, D, rope, seed):
     inv_freq = None if inv_freq is None else inv_freq.float().to(DEVICE)
 
     want, got = ({n: t.clone() for n, t in cache.items()} for _ in range(2))
-    args = (alpha, out, first, second, do, inv_freq, rotary, 1e-6)
+    args = (alpha, out, first, second, do, inv_freq, rotary, convex, 1e-6)
     fb_want = merge_pair_reference(*(want[n] for n in STATE), *args)
     fb_got = merge_pair_triton(*(got[n] for n in STATE), *args)
     assert torch.equal(fb_got, fb_want)
@@ -123,5 +124,5 @@ def test_opcheck(per_head):
     alpha = torch.full((2, 2, C), 0.05, device=DEVICE)
     out = torch.zeros(2, 2, 8, device=DEVICE)
     inv_freq = 10000 ** -(torch.arange(4, device=DEVICE) / 4)
-    merge = (*(cache[n] for n in STATE), alpha, out, first, second, ok, inv_freq, 8, 1e-6)
+    merge = (*(cache[n] for n in STATE), alpha, out, first, second, ok, inv_freq, 8, True, 1e-6)
     torch.library.opcheck(torch.ops.kvslim.merge_pair.default, merge)

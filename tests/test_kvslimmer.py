@@ -71,19 +71,22 @@ def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, ste
 
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(
-    config=st.sampled_from([("llama", 24, 4, 2, False, 0.0), ("gpt2", 30, 0, 0, True, 7.0)]),
+    config=st.sampled_from(
+        [("llama", 24, 4, 2, False, 0.0, True), ("gpt2", 30, 0, 0, True, 7.0, False)]
+    ),
     length=st.integers(14, 40),
     seed=st.integers(0, 99),
 )
 def test_decode_pair_merge_equals_the_general_merge(config, length, seed):
     """Decode's two-slot fast path leaves the cache bit-identical to the general run merge."""
-    arch, budget, sink, recent, per_head, recency = config
+    arch, budget, sink, recent, per_head, recency, convex = config
     model = kv_model(arch, "kvslimmer", budget, chunk_size=16, sink=sink, recent=recent,
-                     per_head=per_head, recency=recency)  # fmt: skip
+                     per_head=per_head, recency=recency, convex=convex)  # fmt: skip
     ids, mask = prompts(2, length, [0, length // 3], seed=seed)
 
     def run() -> tuple[torch.Tensor, dict]:
-        logits = prefill_and_decode(model, ids, mask, steps=12)
+        # Past the budget in decode, so pairs merge one step at a time.
+        logits = prefill_and_decode(model, ids, mask, steps=budget + 6 - min(length, budget))
         return logits, {n: buf.clone() for n, buf in model.named_buffers()}
 
     fast_logits, fast = run()

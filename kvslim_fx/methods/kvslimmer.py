@@ -40,6 +40,48 @@ _SLOT_STATE = {
 }
 
 
+# Rounds of disjoint-pair selection before the rest of a step's merges may chain into runs.
+_DISJOINT_ROUNDS = 4
+
+
+def disjoint_cheapest(edge: Tensor, need: Tensor) -> Tensor:
+    """Pick ``need [B, H]`` of the edges ``[B, H, E]`` (``inf`` = not allowed), cheapest first,
+    as pairs that share no slot wherever possible.
+
+    Each round takes the cheapest edges that are local minima among the still-free edges (two
+    local minima are never adjacent) and blocks their neighbours; after a few rounds, whatever is
+    still needed comes from the cheapest remaining edges, which may touch earlier picks and then
+    merge as runs. Without this a step that frees many slots (a prefill chunk) chains the
+    low-scoring old region into one giant slot: with 512 slots and a 2k prompt, one slot held
+    1472 tokens. Ties go to the earlier edge, so ``need = 1`` picks ``edge.argmin``.
+    """
+    inf = torch.full_like(edge[..., :1], torch.inf)
+    sel = torch.zeros_like(edge, dtype=torch.bool)
+    free = torch.isfinite(edge)
+    left = need[..., None]
+    for _ in range(_DISJOINT_ROUNDS):
+        c = torch.where(free, edge, torch.inf)
+        local = (
+            free & (c < torch.cat([inf, c[..., :-1]], -1)) & (c <= torch.cat([c[..., 1:], inf], -1))
+        )
+        rank = _rank(torch.where(local, c, torch.inf))
+        pick = local & (rank < left)
+        sel |= pick
+        left = left - pick.sum(-1, keepdim=True)
+        no = torch.zeros_like(pick[..., :1])
+        free &= ~(pick | torch.cat([no, pick[..., :-1]], -1) | torch.cat([pick[..., 1:], no], -1))
+    rest = torch.where(sel, torch.inf, edge)
+    return sel | (torch.isfinite(rest) & (_rank(rest) < left))
+
+
+def _rank(x: Tensor) -> Tensor:
+    """Rank of each entry along the last axis (ascending, ties to the earlier one)."""
+    order = x.argsort(dim=-1, stable=True)
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    )
+
+
 class KVSlimmer(Method):
     """Asymmetric KV merging with the exact, forward-only Hessian; see the module docstring."""
 
@@ -54,6 +96,7 @@ class KVSlimmer(Method):
         recent: int = 32,
         per_head: bool = False,
         recency: float = 0.0,
+        convex: bool = False,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
@@ -65,11 +108,12 @@ class KVSlimmer(Method):
                 f"0 turns the recency factor off), got {recency!r}"
             )
         self.recency = float(recency)
+        self.convex = bool(convex)
         self.eps = float(eps)
 
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
-                "recency": self.recency}  # fmt: skip
+                "recency": self.recency, "convex": self.convex}  # fmt: skip
 
     def layout(self, slots: int, window: int) -> SlotLayout:
         if 0 < window <= slots:
@@ -139,7 +183,7 @@ class KVSlimmer(Method):
             cache.k, cache.v, cache.logc, cache.pos, cache.hess, cache.score, cache.steps,
             alpha, out[:, :, 0], first, second, do,
             None if rope is None else rope.inv_freq.to(cache.k.device),
-            0 if rope is None else rope.rotary_dim, self.eps,
+            0 if rope is None else rope.rotary_dim, self.convex, self.eps,
         )  # fmt: skip
         cache.merge_stats[0] += do.sum().double()
         cache.merge_stats[1] += fallback.sum().double()
@@ -148,9 +192,7 @@ class KVSlimmer(Method):
         """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
         C = cache.capacity
         order, sp, score, edge = self._edges(cache)
-        valid = torch.isfinite(edge)
-        rank = edge.argsort(dim=-1).argsort(dim=-1)
-        sel = valid & (rank < need[..., None])  # [B, H, C - 1]
+        sel = disjoint_cheapest(edge, need)  # [B, H, C - 1]
 
         # Runs of selected edges; the last slot of a run survives and holds the merge.
         no = torch.zeros_like(sel[..., :1])
@@ -189,6 +231,9 @@ class KVSlimmer(Method):
         s_total = per_slot(run_sum(score))
         by_score = torch.where(s_total > 0, score / s_total.clamp_min(1e-30), 1 / per_slot(members))
         weight = torch.where(fallback, by_score, w / torch.where(fallback, 1, total))
+        if self.convex:
+            weight = weight.clamp_min(0)
+            weight = weight / per_slot(run_sum(weight))
 
         last_pos = per_slot(run_sum(torch.where(joined_right, 0, sp)))
         keys = cache.k[:, :, :C].gather(2, order[..., None].expand_as(cache.k[:, :, :C])).float()
