@@ -67,7 +67,7 @@ class LayerCache(nn.Module):
         """``q [B, H_q, L, D]``, ``k, v [B, H_kv, L, D]``, ``kv_pos [B, L]`` → ``[B, H_q, L, D]``"""
         lay = self.layout
         out, mass = torch.ops.kvslim.attend(
-            q, k, v, self.k, self.v, self.logc, self.pos, kv_pos,
+            q, k, v, self.k, self.v, self.method.attention_logc(self.logc), self.pos, kv_pos,
             self.site.scale, self.site.window, lay.sink, lay.recent, lay.merges,
         )  # fmt: skip
         if lay.merges:

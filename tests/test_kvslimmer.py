@@ -120,10 +120,20 @@ def test_long_chunks_are_split_to_what_a_budget_can_free():
         kv_model("llama", "kvslimmer", 12, sink=4, recent=8).reset(batch_size=1)
 
 
+def test_bias_cap_limits_the_cardinality_attention_counts():
+    logc = torch.tensor([1.0, 3.0, 10.0, 400.0]).log()
+    assert torch.equal(KVSlimmer().attention_logc(logc), logc)
+    capped = KVSlimmer(bias_cap=5).attention_logc(logc).exp()
+    torch.testing.assert_close(capped, torch.tensor([1.0, 3.0, 5.0, 5.0]))
+    assert torch.equal(KVSlimmer(bias_cap=1).attention_logc(logc), torch.zeros(4))
+
+
 def test_options_are_checked():
     with pytest.raises(KVSlimError, match="recent must be a non-negative integer"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recent=-1)
     with pytest.raises(KVSlimError, match="recency must be a number >= 0"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recency=-1.0)
+    with pytest.raises(KVSlimError, match="bias_cap must be a number >= 1"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, bias_cap=0.5)
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32)

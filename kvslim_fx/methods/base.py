@@ -99,6 +99,10 @@ class Method:
         """The longest chunk a cache of ``slots`` can take in one step (None: any)."""
         return None
 
+    def attention_logc(self, logc: Tensor) -> Tensor:
+        """The log-cardinality bias attention sees (``[B, H_kv, C + 1]``); exact by default."""
+        return logc
+
     def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
         """Store a step's tokens in ``cache`` (merging layouts only); ``mass`` as ``attend``'s."""
         raise NotImplementedError(f"{self.name} does not merge")

@@ -25,6 +25,8 @@ is exactly the formula above: every token stays in exactly one slot and the step
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -97,6 +99,7 @@ class KVSlimmer(Method):
         per_head: bool = False,
         recency: float = 0.0,
         convex: bool = False,
+        bias_cap: float = math.inf,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
@@ -109,11 +112,25 @@ class KVSlimmer(Method):
             )
         self.recency = float(recency)
         self.convex = bool(convex)
+        if isinstance(bias_cap, bool) or not isinstance(bias_cap, int | float) or bias_cap < 1:
+            raise KVSlimError(
+                f"bias_cap must be a number >= 1 (the largest cardinality attention counts; "
+                f"1 = no cardinality bias, inf = exact), got {bias_cap!r}"
+            )
+        self.bias_cap = float(bias_cap)
         self.eps = float(eps)
 
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
-                "recency": self.recency, "convex": self.convex}  # fmt: skip
+                "recency": self.recency, "convex": self.convex,
+                "bias_cap": self.bias_cap}  # fmt: skip
+
+    def attention_logc(self, logc: Tensor) -> Tensor:
+        # A merged slot's key leans towards its most-attended members, so counting all ``c``
+        # members in the softmax over-attends it (measured; see docs/design.md).
+        if math.isinf(self.bias_cap):
+            return logc
+        return logc.clamp_max(math.log(self.bias_cap))
 
     def layout(self, slots: int, window: int) -> SlotLayout:
         if 0 < window <= slots:
