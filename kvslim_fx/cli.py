@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         "--sink", type=int, metavar="N", help="sink slots (default: the method's own)"
     )
     common.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable, e.g. --option recent=64 --option per_head=true "
+        "(numbers, true/false, inf)",
+    )
+    common.add_argument(
         "--chunk-size",
         type=int,
         default=512,
@@ -443,7 +451,9 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     from .methods import make_method
 
     budget = _budget(args.budget)
-    method_options = {} if args.sink is None else {"sink": args.sink}
+    method_options = dict(_method_option(text) for text in args.option)
+    if args.sink is not None:
+        method_options["sink"] = args.sink
     # Loading a large model takes a while; a typo in the method or budget should not.
     make_method(args.method, budget, **method_options)
     return {
@@ -452,6 +462,19 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         **method_options,
     }
+
+
+def _method_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → ``(key, value)`` with the value as an int, float, bool or string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KVSlimError(f"--option takes KEY=VALUE (e.g. recent=64), got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, kind(value)
+    return key, value
 
 
 def _budget(text: str | None) -> int | float | None:

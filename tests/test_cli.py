@@ -135,8 +135,19 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         (["--temperature", "0.5"], "need --sample"),
         (["--model", "MISSING"], "no model 'MISSING'"),
         (["--model", "EMPTY"], "EMPTY is a folder but has no config.json"),
+        (["--option", "recent"], "--option takes KEY=VALUE"),
+        (["--method", "kvslimmer", "--budget", "64", "--option", "bias_cap=0"], "bias_cap must"),
     ],
-    ids=["method", "budget-abc", "budget-sink", "sampling-option", "missing-model", "empty-dir"],
+    ids=[
+        "method",
+        "budget-abc",
+        "budget-sink",
+        "sampling-option",
+        "missing-model",
+        "empty-dir",
+        "option-syntax",
+        "option-value",
+    ],
 )
 def test_bad_input_is_one_line_and_status_2(options, message, model_dir, tmp_path, capsys):
     paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path)}
