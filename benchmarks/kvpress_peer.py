@@ -301,6 +301,22 @@ def _info(start: float, prefill_s: float, kept: tuple[int, int], cache: Any) -> 
     }
 
 
+def _prefill(model: Any, ids: list[int], press: PressFn) -> tuple[Any, torch.Tensor]:
+    """One forward pass over ``ids`` with ``press`` active: the new cache and the last logits."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with _press_context(press, model):
+        # logits_to_keep=1: only the last prefill logit is used ([C, vocab] fp32 is 1.6 GB at 8k).
+        out = model(
+            input_ids=torch.tensor([ids], device=next(model.parameters()).device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return cache, out.logits[:, -1]
+
+
 def _step(model: Any, token: int, cache: Any, position: int, device: torch.device) -> torch.Tensor:
     # position_ids: after compression the cache is shorter than the text, and HF would otherwise
     # derive the new token's RoPE position from the cache length.
@@ -326,19 +342,9 @@ def continuation_nll(
     ``prefill_press`` is active during the one-pass prefill of ``context``, ``decode_press``
     while the continuation is teacher-forced one token per call (the last one is never fed).
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    cache = DynamicCache()
     start = time.perf_counter()
-    with _press_context(prefill_press, model):
-        # logits_to_keep=1: only the last prefill logit is used ([C, vocab] fp32 is 1.6 GB at 8k).
-        last = model(
-            input_ids=torch.tensor([context], device=device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+    cache, last = _prefill(model, context, prefill_press)
     prefill_s = time.perf_counter() - start
     kept = cache_bytes(cache)
     nll = []
@@ -362,18 +368,9 @@ def greedy_decode(
     decode_press: PressFn = None,
 ) -> tuple[list[int], dict]:
     """Greedy token ids after ``prompt`` (stopping after an EOS id), and timings and cache bytes."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    cache = DynamicCache()
     start = time.perf_counter()
-    with _press_context(prefill_press, model):
-        last = model(
-            input_ids=torch.tensor([prompt], device=device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+    cache, last = _prefill(model, prompt, prefill_press)
     prefill_s = time.perf_counter() - start
     kept = cache_bytes(cache)
     out: list[int] = []

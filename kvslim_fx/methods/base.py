@@ -119,5 +119,19 @@ def non_negative(name: str, value: int) -> int:
     return value
 
 
+def number_at_least(name: str, value: float, low: float, meaning: str) -> float:
+    """``value`` as a float if it is a real number ``>= low``; else an error saying ``meaning``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
+        raise KVSlimError(f"{name} must be a number >= {low:g} ({meaning}), got {value!r}")
+    return float(value)
+
+
+def rank(x: Tensor) -> Tensor:
+    """Rank of each entry along the last axis (ascending; ties to the earlier entry)."""
+    order = x.argsort(dim=-1, stable=True)
+    steps = torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, steps)
+
+
 def _round_up(n: int) -> int:
     return -(-n // CAPACITY_QUANTUM) * CAPACITY_QUANTUM

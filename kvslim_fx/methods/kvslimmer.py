@@ -30,10 +30,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import KVSlimError
 from ..kernels.kvslimmer import rope_rotate
 from ..kernels.pair_merge import pair_costs
-from .base import Method, SlotLayout, non_negative
+from .base import Method, SlotLayout, non_negative, number_at_least, rank
 
 _SLOT_STATE = {
     "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
@@ -66,22 +65,13 @@ def disjoint_cheapest(edge: Tensor, need: Tensor) -> Tensor:
         local = (
             free & (c < torch.cat([inf, c[..., :-1]], -1)) & (c <= torch.cat([c[..., 1:], inf], -1))
         )
-        rank = _rank(torch.where(local, c, torch.inf))
-        pick = local & (rank < left)
+        pick = local & (rank(torch.where(local, c, torch.inf)) < left)
         sel |= pick
         left = left - pick.sum(-1, keepdim=True)
         no = torch.zeros_like(pick[..., :1])
         free &= ~(pick | torch.cat([no, pick[..., :-1]], -1) | torch.cat([pick[..., 1:], no], -1))
     rest = torch.where(sel, torch.inf, edge)
-    return sel | (torch.isfinite(rest) & (_rank(rest) < left))
-
-
-def _rank(x: Tensor) -> Tensor:
-    """Rank of each entry along the last axis (ascending, ties to the earlier one)."""
-    order = x.argsort(dim=-1, stable=True)
-    return torch.empty_like(order).scatter_(
-        -1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order)
-    )
+    return sel | (torch.isfinite(rest) & (rank(rest) < left))
 
 
 class KVSlimmer(Method):
@@ -105,19 +95,14 @@ class KVSlimmer(Method):
         super().__init__(budget, sink)
         self.recent = non_negative("recent", recent)
         self.per_head = bool(per_head)
-        if isinstance(recency, bool) or not isinstance(recency, int | float) or recency < 0:
-            raise KVSlimError(
-                f"recency must be a number >= 0 (the reference code's γ = 4096 / ln 512 ≈ 656.8; "
-                f"0 turns the recency factor off), got {recency!r}"
-            )
-        self.recency = float(recency)
+        self.recency = number_at_least(
+            "recency", recency, 0, "the reference code's γ = 4096 / ln 512 ≈ 656.8; 0 = off"
+        )
         self.convex = bool(convex)
-        if isinstance(bias_cap, bool) or not isinstance(bias_cap, int | float) or bias_cap < 1:
-            raise KVSlimError(
-                f"bias_cap must be a number >= 1 (the largest cardinality attention counts; "
-                f"1 = no cardinality bias, inf = exact), got {bias_cap!r}"
-            )
-        self.bias_cap = float(bias_cap)
+        self.bias_cap = number_at_least(
+            "bias_cap", bias_cap, 1,
+            "the largest cardinality attention counts; 1 = no cardinality bias, inf = exact",
+        )  # fmt: skip
         self.eps = float(eps)
 
     def options(self) -> dict:
@@ -176,12 +161,11 @@ class KVSlimmer(Method):
             {"hess": h_now[..., C:], "score": a_new, "steps": real[:, None, :].float()},
         )  # fmt: skip
 
-    def _edges(self, cache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _selection(self, cache) -> tuple:
+        """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for ``cache``'s slots."""
         C = cache.capacity
-        return pair_costs(
-            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head,
-            self.recency,
-        )  # fmt: skip
+        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent,
+                self.per_head, self.recency)  # fmt: skip
 
     def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
@@ -189,11 +173,7 @@ class KVSlimmer(Method):
         Same arithmetic as a run of two in :meth:`_merge`, so decode is bit-identical to it; the
         freed (earlier) slot is emptied for the new token that :meth:`update` writes next.
         """
-        C = cache.capacity
-        first, second, ok = torch.ops.kvslim.select_pair(
-            cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent, self.per_head,
-            self.recency,
-        )  # fmt: skip
+        first, second, ok = torch.ops.kvslim.select_pair(*self._selection(cache))
         do = ok & (need > 0)
         rope = cache.rope
         fallback = torch.ops.kvslim.merge_pair(
@@ -208,7 +188,7 @@ class KVSlimmer(Method):
     def _merge(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
         C = cache.capacity
-        order, sp, score, edge = self._edges(cache)
+        order, sp, score, edge = pair_costs(*self._selection(cache))
         sel = disjoint_cheapest(edge, need)  # [B, H, C - 1]
 
         # Runs of selected edges; the last slot of a run survives and holds the merge.

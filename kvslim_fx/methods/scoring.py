@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.eviction import head_total
-from .base import Method, SlotLayout, non_negative
+from .base import Method, SlotLayout, non_negative, rank
 
 _ACCUMULATORS = {
     "acc": (torch.float32, 0.0),  # attention mass received over the slot's lifetime
@@ -225,9 +225,7 @@ class ScoreMethod(Method):
         if cache.site.window > 0:
             score = torch.where(sp[..., -1:] - sp >= cache.site.window, -torch.inf, score)
         need = ((pos >= 0).sum(-1, keepdim=True) - C).clamp_min(0)  # [B, H, 1]
-        ranked = torch.where(step.eligible, score, torch.inf).argsort(dim=-1, stable=True)
-        rank = torch.empty_like(ranked).scatter_(2, ranked, _arange_like(ranked))
-        drop = step.eligible & (rank < need)
+        drop = step.eligible & (rank(torch.where(step.eligible, score, torch.inf)) < need)
 
         weight = self.fold_weight(step)
         if weight is not None:
@@ -296,7 +294,3 @@ def _seen(pos: Tensor, q_pos: Tensor, window: int) -> Tensor:
 def _pad(x: Tensor, n: int) -> Tensor:
     """``x`` followed by ``n`` zeros along the last dimension."""
     return torch.cat([x, x.new_zeros(*x.shape[:-1], n)], dim=-1)
-
-
-def _arange_like(x: Tensor) -> Tensor:
-    return torch.arange(x.shape[-1], device=x.device).expand_as(x)
