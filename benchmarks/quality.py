@@ -65,9 +65,10 @@ from pathlib import Path
 import torch
 
 from kvslim_fx.case_export import write_cases
+from kvslim_fx.errors import KVSlimError
 from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
 from kvslim_fx.haystack import Case, needle_cases, retrieval_cases
-from kvslim_fx.methods import METHODS
+from kvslim_fx.methods import METHODS, make_method, parse_spec
 from kvslim_fx.models import load_default_model
 from kvslim_fx.retrieval import answer_case, answer_tokens
 from kvslim_fx.transform import transform
@@ -149,9 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.tasks or any(t not in TASKS for t in args.tasks):
         p.error(f"--tasks are comma-separated, of {', '.join(TASKS)}; got {args.tasks}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    for spec in args.methods:
+        try:
+            name, options = parse_spec(spec)
+            make_method(name, **options)
+        except KVSlimError as err:
+            p.error(f"--methods {spec}: {err}")
     try:
         args.budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
         args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
@@ -177,6 +181,13 @@ def parse_budget(text: str) -> int | float:
 
 def budget_label(budget: Budget) -> str:
     return "all" if budget is None else f"{budget:g}"
+
+
+def method_order(label: str) -> tuple[int, str]:
+    """Registry order, a method's option variants after it, peers (not registered) last."""
+    names = list(METHODS)
+    name = label.split(":")[0]
+    return (names.index(name) if name in names else len(names), label)
 
 
 def budget_order(label: str) -> tuple[int, float]:
@@ -351,10 +362,9 @@ def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
         groups.setdefault((cell["method"], cell["budget_slots"]), []).append(cell)
     full = groups.get(("full", None), [])
     full_by_window = {c["window"]: c["perplexity"] for c in full}
-    order = {m: i for i, m in enumerate(METHODS)}
     rows = []
     for (method, slots), cells in sorted(
-        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] or 0)
+        groups.items(), key=lambda kv: (method_order(kv[0][0]), kv[0][1] or 0)
     ):
         cells.sort(key=lambda c: c["window"])
         ppl = statistics.fmean(c["perplexity"] for c in cells)
@@ -498,10 +508,9 @@ def summarize_cases(results: dict, args: argparse.Namespace, task: str) -> list[
     groups: dict[tuple[str, str], list[dict]] = {}
     for cell in case_cells(results, args, task):
         groups.setdefault((cell["method"], cell["budget"]), []).append(cell)
-    order = {m: i for i, m in enumerate(METHODS)}
     rows = []
     for (method, budget), cells in sorted(
-        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), budget_order(kv[0][1]))
+        groups.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))
     ):
         rows.append(
             {
@@ -720,7 +729,8 @@ def cells_to_run(args: argparse.Namespace) -> list[tuple[str, Budget]]:
 
 def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, label: str):
     start = time.perf_counter()
-    model = transform(hf, method, budget, chunk_size=args.chunk_size)
+    name, options = parse_spec(method)
+    model = transform(hf, name, budget, chunk_size=args.chunk_size, **options)
     log(f"{label}: transformed in {time.perf_counter() - start:.1f} s")
     return model
 

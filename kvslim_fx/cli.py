@@ -448,10 +448,10 @@ class _Clock:
 
 def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     """transform()'s keyword arguments, checked before any model is loaded."""
-    from .methods import make_method
+    from .methods import make_method, parse_option
 
     budget = _budget(args.budget)
-    method_options = dict(_method_option(text) for text in args.option)
+    method_options = dict(parse_option(text) for text in args.option)
     if args.sink is not None:
         method_options["sink"] = args.sink
     # Loading a large model takes a while; a typo in the method or budget should not.
@@ -462,19 +462,6 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         **method_options,
     }
-
-
-def _method_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` → ``(key, value)`` with the value as an int, float, bool or string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise KVSlimError(f"--option takes KEY=VALUE (e.g. recent=64), got {text!r}")
-    if value.lower() in ("true", "false"):
-        return key, value.lower() == "true"
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return key, kind(value)
-    return key, value
 
 
 def _budget(text: str | None) -> int | float | None:

@@ -12,6 +12,8 @@ import pytest
 import tokenizers
 import torch
 from helpers import hf_model, kv_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
 from tiny_text import BOOKS, char_tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -19,9 +21,10 @@ from transformers import PreTrainedTokenizerFast
 import kvslim_fx
 from kvslim_fx import evaluate
 from kvslim_fx.cli import main
+from kvslim_fx.errors import KVSlimError
 from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity
 from kvslim_fx.haystack import needle_cases, retrieval_cases
-from kvslim_fx.methods import METHODS
+from kvslim_fx.methods import METHODS, parse_spec
 from kvslim_fx.retrieval import answer_case
 
 UNK_TOKEN_ID = 3
@@ -135,7 +138,7 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         (["--temperature", "0.5"], "need --sample"),
         (["--model", "MISSING"], "no model 'MISSING'"),
         (["--model", "EMPTY"], "EMPTY is a folder but has no config.json"),
-        (["--option", "recent"], "--option takes KEY=VALUE"),
+        (["--option", "recent"], "option is KEY=VALUE"),
         (["--method", "kvslimmer", "--budget", "64", "--option", "bias_cap=0"], "bias_cap must"),
     ],
     ids=[
@@ -161,6 +164,42 @@ def test_bad_input_is_one_line_and_status_2(options, message, model_dir, tmp_pat
     assert len(lines) == 1, err
     assert lines[0].startswith("kvslim-fx: error: ")
     assert message in lines[0]
+
+
+_WORDS = st.from_regex(r"[a-z_]{1,8}", fullmatch=True)
+# Strings that would not read back as a bool or a number.
+_VALUES = st.one_of(
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _WORDS.filter(lambda t: t not in ("true", "false", "inf", "infinity", "nan")),
+)
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    name=st.sampled_from(sorted(METHODS)),
+    options=st.dictionaries(_WORDS, _VALUES, max_size=4),
+)
+def test_method_spec_round_trips(name, options):
+    """``name:key=value:...`` (a benchmark's method row) reads back as the name and options."""
+    spec = ":".join([name] + [f"{key}={_text(value)}" for key, value in options.items()])
+    assert parse_spec(spec) == (name, options)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("nope:recent=1", "unknown method 'nope'"), ("kvslimmer:recent", "option is KEY=VALUE")],
+)
+def test_bad_method_spec_names_the_problem(spec, message):
+    with pytest.raises(KVSlimError, match=message):
+        parse_spec(spec)
 
 
 @pytest.mark.parametrize(

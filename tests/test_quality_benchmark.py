@@ -14,7 +14,7 @@ from helpers import hf_model, kv_model
 from tiny_text import BOOKS, char_tokenizer
 
 from kvslim_fx import evaluate
-from kvslim_fx.evaluate import austen_windows
+from kvslim_fx.evaluate import austen_windows, continuation_nll
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +37,8 @@ def quality(monkeypatch):
     monkeypatch.setattr(
         module,
         "transform",
-        lambda hf, method, budget=None, chunk_size=512: kv_model(
-            "llama", method, budget, chunk_size=chunk_size
+        lambda hf, method, budget=None, chunk_size=512, **options: kv_model(
+            "llama", method, budget, chunk_size=chunk_size, **options
         ),
     )
     return module
@@ -241,6 +241,26 @@ def test_peer_rows_cover_only_the_tables_windows_and_cases(quality, tmp_path):
     )
     assert quality.parse_args(shlex.split(steps[0])[2:]).write_cases == "t.json"
     assert quality.plot(tables, tmp_path / "q.png")  # the partial kvpress:tova row stays off
+
+
+def test_method_options_make_their_own_rows(quality, tmp_path):
+    """``streaming:sink=2`` is a row of its own, computed with that option, beside ``streaming``."""
+    out = tmp_path / "q"
+    argv = ["--context", "60", "--continuation", "8", "--windows", "1", "--tasks", "perplexity"]
+    argv += ["--methods", "streaming,streaming:sink=2", "--budgets", "16", "--out", str(out)]
+    assert quality.main(argv) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"].values()
+    sinks = {c["method"]: c["settings"]["options"]["sink"] for c in cells}
+    assert sinks == {"streaming": 4, "streaming:sink=2": 2}
+    (window,) = austen_windows(char_tokenizer(), 60, 8, 1)
+    nll = continuation_nll(kv_model("llama", "streaming", 16, chunk_size=512, sink=2), window, 60)
+    (cell,) = [c for c in cells if c["method"] == "streaming:sink=2"]
+    assert cell["nll"] == [round(float(x), 6) for x in nll]
+    md = out.with_suffix(".md").read_text()
+    assert "| streaming | 16 |" in md and "| streaming:sink=2 | 16 |" in md
+    assert "--methods streaming,streaming:sink=2 " in md
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--methods", "streaming:sink=-1"])
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from ..errors import KVSlimError
 from .base import Method, SlotLayout
 from .full import Full
@@ -16,7 +19,7 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Full, Streaming, KVSlimmer, WeightedKV, H2O, TOVA, SnapKV)
 }
 
-__all__ = ["METHODS", "Method", "SlotLayout", "make_method"]
+__all__ = ["METHODS", "Method", "SlotLayout", "make_method", "parse_option", "parse_spec"]
 
 
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:
@@ -29,3 +32,26 @@ def make_method(name: str, budget: int | float | None = None, **options) -> Meth
         return cls(budget=budget, **options)
     except TypeError as err:
         raise KVSlimError(f"bad options for method {name!r}: {err}") from None
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` → ``(key, value)``, the value as a bool, int, float or string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KVSlimError(f"a method option is KEY=VALUE (e.g. recent=64), got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, kind(value)
+    return key, value
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"kvslimmer:bias_cap=1:recent=64"`` → ``("kvslimmer", {"bias_cap": 1, "recent": 64})``.
+
+    How benchmarks name a method with non-default options (a table row per spec)."""
+    name, *options = spec.split(":")
+    if name not in METHODS:
+        raise KVSlimError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return name, dict(parse_option(o) for o in options)
