@@ -76,6 +76,7 @@ from kvslim_fx.transform import transform
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS = ("perplexity", "needle", "retrieval")
 CASE_BUILDERS = {"needle": needle_cases, "retrieval": retrieval_cases}
+SHORT = {"perplexity": "ppl", "needle": "needle", "retrieval": "retrieval"}
 TITLES = {
     "perplexity": "Continuation perplexity",
     "needle": "Needle in a haystack",
@@ -803,6 +804,15 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
             "```",
             "",
         ]
+    md += [
+        "## Summary",
+        "",
+        "Perplexity (lower is better) and accuracy per budget; the tables below have the "
+        "details (cache bytes, per window, per length, seconds).",
+        "",
+        summary(tables),
+        "",
+    ]
     for task, rows in tables.items():
         md += [f"## {TITLES[task]}", ""]
         if task == "perplexity":
@@ -841,6 +851,35 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
                 "",
             ]
     return "\n".join(md)
+
+
+def summary(tables: dict[str, list[dict]]) -> str:
+    """Every method's quality per task and budget, one row per method (what the README shows).
+
+    Perplexity is the mean over the windows, needle and retrieval the accuracy; an uncompressed
+    row (``full``, the peer's ``none``) fills the "uncompressed" column. Only complete rows.
+    """
+    budgets = sorted({r["budget"] for rows in tables.values() for r in rows
+                      if not _uncompressed(r)}, key=budget_order)  # fmt: skip
+    columns = [(task, b) for task in tables for b in ["all", *budgets]]
+    values: dict[str, dict[tuple[str, str], str]] = {}
+    for task, rows in tables.items():
+        for r in rows:
+            if not r["complete"]:
+                continue
+            q = f"{r['quality']:.2f}" if task == "perplexity" else f"{100 * r['quality']:.0f}%"
+            budget = "all" if _uncompressed(r) else r["budget"]
+            values.setdefault(r["method"], {})[(task, budget)] = q
+    columns = [c for c in columns if any(c in v for v in values.values())]
+    head = [f"{SHORT[task]} {'uncompressed' if b == 'all' else b}" for task, b in columns]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    for method, v in values.items():
+        lines.append(f"| {method} | " + " | ".join(v.get(c, "") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _uncompressed(row: dict) -> bool:
+    return row["method"] in ("full", PEER_PREFIX + "none")
 
 
 def plot(tables: dict[str, list[dict]], path: Path) -> bool:

@@ -69,19 +69,23 @@ def test_every_token_lives_in_exactly_one_slot(budget, sink, recent, length, ste
             assert 0 <= layer.merge_stats[1] <= layer.merge_stats[0]
 
 
-@settings(max_examples=3, deadline=None, derandomize=True)
+@settings(max_examples=4, deadline=None, derandomize=True)
 @given(
     config=st.sampled_from(
-        [("llama", 24, 4, 2, False, 0.0, True), ("gpt2", 30, 0, 0, True, 7.0, False)]
+        [
+            ("llama", 24, 4, 2, False, 0.0, True, "mean"),
+            ("gpt2", 30, 0, 0, True, 7.0, False, "mean"),
+            ("llama", 26, 2, 3, True, 0.0, False, "last"),
+        ]
     ),
     length=st.integers(14, 40),
     seed=st.integers(0, 99),
 )
 def test_decode_pair_merge_equals_the_general_merge(config, length, seed):
     """Decode's two-slot fast path leaves the cache bit-identical to the general run merge."""
-    arch, budget, sink, recent, per_head, recency, convex = config
+    arch, budget, sink, recent, per_head, recency, convex, score = config
     model = kv_model(arch, "kvslimmer", budget, chunk_size=16, sink=sink, recent=recent,
-                     per_head=per_head, recency=recency, convex=convex)  # fmt: skip
+                     per_head=per_head, recency=recency, convex=convex, score=score)  # fmt: skip
     ids, mask = prompts(2, length, [0, length // 3], seed=seed)
 
     def run() -> tuple[torch.Tensor, dict]:
@@ -135,5 +139,7 @@ def test_options_are_checked():
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recency=-1.0)
     with pytest.raises(KVSlimError, match="bias_cap must be a number >= 1"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, bias_cap=0.5)
+    with pytest.raises(KVSlimError, match="score must be one of mean, last"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, score="max")
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32)

@@ -92,6 +92,13 @@ def test_sweep_writes_every_task_resumes_and_reads_old_cells(quality, tmp_path, 
     md = out.with_suffix(".md").read_text()
     assert "## Continuation perplexity" in md and "## Needle in a haystack" in md
     assert "| streaming | 30 (0.5) | 1 | 0.0 MiB | 25.0% | 12.500 |" in md  # the old cell
+    summary = md.split("## Summary")[1].split("## ")[0]
+    head = "| method | " + " | ".join(
+        f"{t} {b}" for t in ("ppl", "needle", "retrieval") for b in ("uncompressed", "0.5", "64")
+    )
+    assert head + " |" in summary
+    (row,) = [line for line in summary.splitlines() if line.startswith("| streaming |")]
+    assert row.split(" | ")[1:3] == ["", "12.50"]  # no uncompressed column for a method
     command = md.split("```bash\n")[1].split("\n```")[0]
     again = quality.parse_args(shlex.split(command)[2:])
     assert (again.tasks, again.methods, again.budgets) == (
@@ -126,7 +133,7 @@ def test_sweep_writes_every_task_resumes_and_reads_old_cells(quality, tmp_path, 
     out.with_name("kvpress.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert quality.main(argv) == 0
     md = out.with_suffix(".md").read_text()
-    assert md.count("| kvpress:tova | ") == 3
+    assert md.count("| kvpress:tova | ") == 3 + 1  # a row per task, and one in the summary
     assert "--presses tova --budgets 0.5 --dtype float32 --out " in md
 
 

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import KVSlimError
 from ..kernels.kvslimmer import rope_rotate
 from ..kernels.pair_merge import pair_costs
 from .base import Method, SlotLayout, non_negative, number_at_least, rank
@@ -40,6 +41,10 @@ _SLOT_STATE = {
     "steps": (torch.float32, 0.0),  # steps the slot has been attended (the running means' n)
 }
 
+
+# The selection statistic: the slot's mean attention probability over the steps it has lived, or
+# that of the last step only (the reference code's choice, and TOVA's rule).
+_SCORES = ("mean", "last")
 
 # Rounds of disjoint-pair selection before the rest of a step's merges may chain into runs.
 _DISJOINT_ROUNDS = 4
@@ -90,6 +95,7 @@ class KVSlimmer(Method):
         recency: float = 0.0,
         convex: bool = False,
         bias_cap: float = math.inf,
+        score: str = "mean",
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
@@ -103,12 +109,15 @@ class KVSlimmer(Method):
             "bias_cap", bias_cap, 1,
             "the largest cardinality attention counts; 1 = no cardinality bias, inf = exact",
         )  # fmt: skip
+        if score not in _SCORES:
+            raise KVSlimError(f"score must be one of {', '.join(_SCORES)}, got {score!r}")
+        self.score = score
         self.eps = float(eps)
 
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
                 "recency": self.recency, "convex": self.convex,
-                "bias_cap": self.bias_cap}  # fmt: skip
+                "bias_cap": self.bias_cap, "score": self.score}  # fmt: skip
 
     def attention_logc(self, logc: Tensor) -> Tensor:
         # A merged slot's key leans towards its most-attended members, so counting all ``c``
@@ -147,7 +156,10 @@ class KVSlimmer(Method):
         steps = cache.steps[:, :, :C] + lived
         n = steps.clamp_min(1)
         cache.hess[:, :, :C] += torch.where(lived, (h_now[..., :C] - cache.hess[:, :, :C]) / n, 0)
-        cache.score[:, :, :C] += torch.where(lived, (a_old - cache.score[:, :, :C]) / n, 0)
+        if self.score == "last":
+            cache.score[:, :, :C] = torch.where(lived, a_old, cache.score[:, :, :C])
+        else:
+            cache.score[:, :, :C] += torch.where(lived, (a_old - cache.score[:, :, :C]) / n, 0)
         cache.steps[:, :, :C] = steps
 
         need = (real.sum(1)[:, None] - (cache.pos[:, :, :C] < 0).sum(-1)).clamp_min(0)  # [B, H]
