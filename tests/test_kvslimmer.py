@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import hf_model, kv_model, prefill_and_decode, prompts
@@ -126,7 +128,8 @@ def test_long_chunks_are_split_to_what_a_budget_can_free():
 
 def test_bias_cap_limits_the_cardinality_attention_counts():
     logc = torch.tensor([1.0, 3.0, 10.0, 400.0]).log()
-    assert torch.equal(KVSlimmer().attention_logc(logc), logc)
+    assert torch.equal(KVSlimmer(bias_cap=math.inf).attention_logc(logc), logc)
+    assert torch.equal(KVSlimmer().attention_logc(logc), torch.zeros(4))  # the default: 1
     capped = KVSlimmer(bias_cap=5).attention_logc(logc).exp()
     torch.testing.assert_close(capped, torch.tensor([1.0, 3.0, 5.0, 5.0]))
     assert torch.equal(KVSlimmer(bias_cap=1).attention_logc(logc), torch.zeros(4))

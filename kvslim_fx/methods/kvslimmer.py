@@ -3,8 +3,10 @@
 Each step, after attention, the method
 
 1. updates every slot's Hessian proxy ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` (running mean over the
-   steps the slot has lived, as the reference smooths over chunks) and its average attention
-   ``score_j`` (the selection statistic), from the step's own attention mass: no second pass;
+   steps the slot has lived, as the reference smooths over chunks) and its selection statistic
+   ``score_j`` (``score="last"``: this step's attention probability, as the reference selects
+   from the current chunk; ``"mean"``: its mean over the slot's life), from the step's own
+   attention mass: no second pass;
 2. if the new tokens do not fit in the empty slots, picks the ``need`` adjacent pairs (in
    position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
    window, one selection per layer shared by the KV heads (``per_head=True``: per head);
@@ -21,6 +23,10 @@ merges its ``r + 1`` slots at once with the same quadratic summed over the run
 (``k* = Σ w_i k_i / Σ w_i``, ``w_i = h_ii − Σ_{selected edges at i} h_e``), which for one pair
 is exactly the formula above: every token stays in exactly one slot and the step frees exactly
 ``need`` slots. In decode (one token per step) only single pairs are ever merged.
+
+Attention counts a merged slot ``min(c, bias_cap)`` times (its ``log c`` bias capped). The paper's
+exact bias (``bias_cap=inf``) measured worse than no bias (``bias_cap=1``, the default) on
+SmolLM2-135M, and worse than StreamingLLM; the figures are in docs/design.md.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from .base import Method, SlotLayout, non_negative, number_at_least, rank
 
 _SLOT_STATE = {
     "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
-    "score": (torch.float32, 0.0),  # running mean of the slot's attention probability
+    "score": (torch.float32, 0.0),  # the selection statistic (attention probability, see score)
     "steps": (torch.float32, 0.0),  # steps the slot has been attended (the running means' n)
 }
 
@@ -94,8 +100,8 @@ class KVSlimmer(Method):
         per_head: bool = False,
         recency: float = 0.0,
         convex: bool = False,
-        bias_cap: float = math.inf,
-        score: str = "mean",
+        bias_cap: float = 1.0,
+        score: str = "last",
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
@@ -120,8 +126,8 @@ class KVSlimmer(Method):
                 "bias_cap": self.bias_cap, "score": self.score}  # fmt: skip
 
     def attention_logc(self, logc: Tensor) -> Tensor:
-        # A merged slot's key leans towards its most-attended members, so counting all ``c``
-        # members in the softmax over-attends it (measured; see docs/design.md).
+        # Counting all ``c`` members at the merged key's logit gives the model more of the
+        # members' averaged value than it is better off with (measured; see docs/design.md).
         if math.isinf(self.bias_cap):
             return logc
         return logc.clamp_max(math.log(self.bias_cap))
