@@ -15,8 +15,7 @@ from helpers import hf_model, kv_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
-from tiny_text import BOOKS, char_tokenizer
-from transformers import PreTrainedTokenizerFast
+from tiny_text import BOOKS, char_tokenizer, fast_tokenizer
 
 import kvslim_fx
 from kvslim_fx import evaluate
@@ -44,13 +43,7 @@ def model_dir(tmp_path_factory) -> Path:
     vocab |= {f"w{i}": i for i in range(len(vocab), VOCAB_SIZE)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
+    tokenizer = fast_tokenizer(backend)
     assert tokenizer(PROMPT).input_ids == PROMPT_IDS[0].tolist()
     tokenizer.save_pretrained(path)
     return path

@@ -23,19 +23,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    specials = {"<pad>": PAD_TOKEN_ID, "<s>": BOS_TOKEN_ID, "</s>": EOS_TOKEN_ID, "<unk>": 3}
-    vocab = specials | {c: FIRST_CHAR_ID + i for i, c in enumerate(CHARS)}
-    # BPE without merges over single characters: every character is its own token.
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = tokenizers.decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
+def fast_tokenizer(backend: tokenizers.Tokenizer) -> PreTrainedTokenizerFast:
+    """``backend`` as a transformers tokenizer with the tiny models' special tokens."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
     )
+
+
+def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    specials = {"<pad>": PAD_TOKEN_ID, "<s>": BOS_TOKEN_ID, "</s>": EOS_TOKEN_ID, "<unk>": 3}
+    vocab = specials | {c: FIRST_CHAR_ID + i for i, c in enumerate(CHARS)}
+    # BPE without merges over single characters: every character is its own token.
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = tokenizers.decoders.Fuse()
+    tokenizer = fast_tokenizer(backend)
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -24,10 +24,7 @@ __all__ = ["METHODS", "Method", "SlotLayout", "make_method", "parse_option", "pa
 
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:
     """Build a method from its registry name and options; an unknown name lists the known ones."""
-    if not isinstance(name, str) or name not in METHODS:
-        known = ", ".join(sorted(METHODS))
-        raise KVSlimError(f"unknown method {name!r}; choose one of: {known}")
-    cls = METHODS[name]
+    cls = _method_class(name)
     try:
         return cls(budget=budget, **options)
     except TypeError as err:
@@ -50,8 +47,16 @@ def parse_option(text: str) -> tuple[str, Any]:
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"kvslimmer:bias_cap=1:recent=64"`` → ``("kvslimmer", {"bias_cap": 1, "recent": 64})``.
 
-    How benchmarks name a method with non-default options (a table row per spec)."""
+    How benchmarks name a method with non-default options (a table row per spec).
+    """
     name, *options = spec.split(":")
-    if name not in METHODS:
-        raise KVSlimError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    _method_class(name)
     return name, dict(parse_option(o) for o in options)
+
+
+def _method_class(name: str) -> type[Method]:
+    """The registered class of ``name``; an unknown name lists the known ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise KVSlimError(f"unknown method {name!r}; choose one of: {known}")
+    return METHODS[name]
