@@ -94,9 +94,12 @@ def _at(x: Tensor, slot: Tensor) -> Tensor:
 
 def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
     """``x[b, h, slot] = value`` where ``where [B, H]``, in place (``value`` as ``_at`` gives)."""
-    idx = _index(x, slot)
+    B, H = slot.shape
+    rows = torch.arange(B, device=slot.device)[:, None].expand(B, H)
+    heads = torch.arange(H, device=slot.device)[None, :].expand(B, H)
     keep = where if x.dim() == 3 else where[..., None]
-    x.scatter_(2, idx, torch.where(keep, value.to(x.dtype), _at(x, slot)).unsqueeze(2))
+    # index_put_ stays in place on the cache under Inductor; a scatter_ copies the whole buffer.
+    x.index_put_((rows, heads, slot), torch.where(keep, value.to(x.dtype), _at(x, slot)))
 
 
 def merge_pair_reference(
