@@ -27,7 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention_triton import attend_triton
+from .registry import HAS_TRITON, kernel_op
+
+if HAS_TRITON:
+    from .attention_triton import attend_triton
 
 __all__ = ["attend", "attend_reference", "attend_sdpa"]
 
@@ -166,7 +169,7 @@ def _dense_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.triton_op("kvslim::attend", mutates_args=())
+@kernel_op("kvslim::attend")
 def attend(
     q: Tensor,
     k: Tensor,
@@ -184,7 +187,7 @@ def attend(
 ) -> tuple[Tensor, Tensor]:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere (same signature)."""
     args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
-    if q.is_cuda:
+    if q.is_cuda and HAS_TRITON:
         return attend_triton(*args, return_mass=return_mass)
     # With a symbolic step length (an exported package's prefill) the fused kernel's strides
     # make torch.export emit guards no length range satisfies; such graphs use the reference.

@@ -29,7 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .eviction_triton import evict_one_triton
+from .registry import HAS_TRITON, kernel_op
+
+if HAS_TRITON:
+    from .eviction_triton import evict_one_triton
 
 __all__ = ["evict_one", "evict_one_reference", "head_total"]
 
@@ -132,7 +135,7 @@ def evict_one_reference(
     return slot, drop, fallback
 
 
-@torch.library.triton_op("kvslim::evict_one", mutates_args=("cache_k", "cache_v", "cache_pos"))
+@kernel_op("kvslim::evict_one", mutates_args=("cache_k", "cache_v", "cache_pos"))
 def evict_one(
     cache_k: Tensor,
     cache_v: Tensor,
@@ -149,6 +152,6 @@ def evict_one(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere (same signature)."""
     args = (cache_k, cache_v, cache_pos, k, v, kv_pos, score, weight, sink, recent, window)
-    if cache_k.is_cuda:
+    if cache_k.is_cuda and HAS_TRITON:
         return evict_one_triton(*args, per_head=per_head)
     return evict_one_reference(*args, per_head=per_head)

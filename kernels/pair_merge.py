@@ -27,7 +27,10 @@ import torch
 from torch import Tensor
 
 from .kvslimmer import rope_rotate
-from .pair_merge_triton import merge_pair_triton, select_pair_triton
+from .registry import HAS_TRITON, kernel_op
+
+if HAS_TRITON:
+    from .pair_merge_triton import merge_pair_triton, select_pair_triton
 
 __all__ = ["merge_pair", "merge_pair_reference", "pair_costs", "select_pair",
            "select_pair_reference"]  # fmt: skip
@@ -173,19 +176,17 @@ def merge_pair_reference(
     return fallback & do
 
 
-@torch.library.triton_op("kvslim::select_pair", mutates_args=())
+@kernel_op("kvslim::select_pair")
 def select_pair(
     pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
-    if pos.is_cuda:
+    if pos.is_cuda and HAS_TRITON:
         return select_pair_triton(pos, score, sink, recent, per_head, gamma)
     return select_pair_reference(pos, score, sink, recent, per_head, gamma)
 
 
-@torch.library.triton_op(
-    "kvslim::merge_pair", mutates_args=("k", "v", "logc", "pos", "hess", "score", "steps")
-)
+@kernel_op("kvslim::merge_pair", mutates_args=("k", "v", "logc", "pos", "hess", "score", "steps"))
 def merge_pair(
     k: Tensor,
     v: Tensor,
@@ -207,6 +208,6 @@ def merge_pair(
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
     args = (k, v, logc, pos, hess, score, steps, alpha, out, first, second, do, inv_freq,
             rotary_dim, convex, eps)  # fmt: skip
-    if k.is_cuda:
+    if k.is_cuda and HAS_TRITON:
         return merge_pair_triton(*args)
     return merge_pair_reference(*args)

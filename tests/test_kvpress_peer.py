@@ -147,7 +147,9 @@ def _drop_press(model, lo: int, hi: int):
 
     def hook(module, args, kwargs, output):
         if kwargs["hidden_states"].shape[1] > 1:  # prefill only, as kvpress
-            layer = kwargs["past_key_values"].layers[module.layer_idx]
+            # transformers >= 5.24 passes the cache as `cache`, earlier 5.x as `past_key_values`.
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            layer = cache.layers[module.layer_idx]
             keep = [*range(lo), *range(hi, layer.keys.shape[-2])]
             layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
         return output
