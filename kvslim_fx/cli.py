@@ -478,8 +478,10 @@ def _budget(text: str | None) -> int | float | None:
 def _model_dir(model: str | None) -> Path:
     from .models import resolve_model
 
-    # Resolved here because transformers would take a missing path for a hub repo id.
-    return resolve_model(model)
+    # Resolved here because transformers would take a missing path for a hub repo id. The first
+    # use of the default model converts it, loading the GGUF through transformers.
+    with _quiet_transformers():
+        return resolve_model(model)
 
 
 def _hf_model(path: Path, dtype: str) -> Any:
@@ -498,9 +500,27 @@ def _loading(path: Path) -> Iterator[None]:
     """transformers reports an unreadable model directory as a multi-line OSError or
     ValueError; make it one KVSlimError line that names the directory."""
     try:
-        yield
+        with _quiet_transformers():
+            yield
     except (OSError, ValueError) as err:
         raise KVSlimError(f"could not load {path}: {_one_line(err)}") from err
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers while it loads a checkpoint: a command
+    prints what the user asked for (its text, its figures) and its own errors, nothing else."""
+    from transformers.utils import logging
+
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def _one_line(err: BaseException) -> str:

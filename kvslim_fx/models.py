@@ -14,7 +14,9 @@ The cache root is ``$KVSLIM_FX_CACHE`` or ``~/.cache/kvslim_fx``; the corpus liv
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -104,7 +106,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
-    source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar, which its progress switch does not reach.
+    with contextlib.redirect_stderr(io.StringIO()):
+        source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The GGUF tokenizer has no length limit; the HF original says 8192, like the model.
     tokenizer.model_max_length = source.config.max_position_embeddings
