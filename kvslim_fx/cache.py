@@ -9,7 +9,7 @@ State per layer (buffers, mutated in place so ``torch.compile`` and AOTInductor 
   ``merge_stats [2]`` (float64: merges done, closed-form fallbacks) for merging methods.
 
 The extra last slot is a trash slot: padding and tokens superseded within their own chunk are
-written there with position ``-1``, which keeps every write a static-shape scatter.
+written there with position ``-1``, which keeps every write a static-shape ``index_put_``.
 """
 
 from __future__ import annotations
