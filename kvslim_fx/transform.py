@@ -88,6 +88,14 @@ def transform(
 @contextlib.contextmanager
 def _sdpa_attention(model: nn.Module, arch: str):
     """Trace in eval mode with SDPA attention, whatever the user loaded; restore both after."""
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    if softcap:
+        # Some transformers releases let such a model run SDPA and silently drop the cap.
+        raise KVSlimError(
+            f"{arch}: attention logits are soft-capped (attn_logit_softcapping={softcap}), which "
+            "SDPA cannot express; kvslim_fx rewrites SDPA attention only, so this architecture "
+            "is unsupported"
+        )
     before = getattr(model.config, "_attn_implementation", None)
     was_training = model.training
     model.eval()

@@ -54,12 +54,19 @@ def test_eager_attention_is_retraced_with_sdpa_and_restored():
         assert (rewritten(ids) - model(ids).logits).abs().max() < 1e-5
 
 
-def test_model_that_refuses_sdpa_is_refused_with_the_reason():
+def test_soft_capped_attention_is_refused_with_the_reason():
     config = Gemma2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(KVSlimError, match="gemma2: attention logits are soft-capped"):
+        kvslim_fx.transform(model)
+    # Without the cap the same model still needs SDPA, which transformers' Gemma2 refuses.
+    config.attn_logit_softcapping = None
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if getattr(model, "_supports_sdpa", False):
+        return  # transformers releases that let Gemma2 run SDPA: nothing left to refuse
     with pytest.raises(
         KVSlimError, match="gemma2: attention is 'eager' and the model refuses SDPA"
     ):
