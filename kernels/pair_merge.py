@@ -18,7 +18,8 @@ slots: ``O(C)`` scalar work to choose, ``O(D)`` to merge, instead of rewriting t
   ``a²h₁ + b²h₂``; the survivor keeps its position and step count.
 
 The references below are what CPU runs; CUDA runs the Triton twins in ``pair_merge_triton``.
-The same arithmetic, for runs of any length, is ``KVSlimmer._merge`` (chunked prefill).
+The merge reference is ``run_merge.merge_runs`` on a run of two: the arithmetic that
+``KVSlimmer._merge`` runs over the whole cache (chunked prefill), so decode matches it bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kvslimmer import rope_rotate
 from .registry import HAS_TRITON, kernel_op
+from .run_merge import adjacent_coupling, merge_runs
 
 if HAS_TRITON:
     from .pair_merge_triton import merge_pair_triton, select_pair_triton
@@ -82,17 +83,15 @@ def select_pair_reference(
     return order.gather(2, best)[..., 0], order.gather(2, best + 1)[..., 0], ok[..., 0]
 
 
-def _index(x: Tensor, slot: Tensor) -> Tensor:
-    """``slot [B, H]`` as a gather/scatter index into ``x`` along dim 2."""
-    if x.dim() == 3:
-        return slot[..., None]
-    return slot[..., None, None].expand(*slot.shape, 1, x.shape[-1])
+def _gather(x: Tensor, slots: Tensor) -> Tensor:
+    """``x[b, h, slots[b, h]]`` for ``slots [B, H, K]``: ``[B, H, K]`` or ``[B, H, K, D]``."""
+    idx = slots if x.dim() == 3 else slots[..., None].expand(*slots.shape, x.shape[-1])
+    return x.gather(2, idx)
 
 
 def _at(x: Tensor, slot: Tensor) -> Tensor:
-    """``x[b, h, slot[b, h]]``: ``[B, H]`` of ``[B, H, N]``, ``[B, H, D]`` of ``[B, H, N, D]``."""
-    idx = _index(x, slot)
-    return x.gather(2, idx).squeeze(2)
+    """``x[b, h, slot[b, h]]`` for ``slot [B, H]``: ``[B, H]`` or ``[B, H, D]``."""
+    return _gather(x, slot[..., None]).squeeze(2)
 
 
 def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
@@ -125,6 +124,8 @@ def merge_pair_reference(
 ) -> Tensor:
     """Merge slot ``first`` into slot ``second`` where ``do``; returns ``fallback [B, H]``.
 
+    The two slots, ``first`` the earlier, are one run of :func:`~.run_merge.merge_runs`.
+
     Args:
         k, v: ``[B, H, N, D]`` post-RoPE keys and mean values (mutated).
         logc, hess, score, steps: ``[B, H, N]`` float32 slot state (mutated); pos ``[B, H, N]``
@@ -136,44 +137,21 @@ def merge_pair_reference(
         convex: clip the closed-form weights to ``[0, 1]`` (``k*`` on the segment between the
             two keys; the paper's ``k*`` may extrapolate where ``h₁₂`` exceeds one ``h``).
     """
-    h1, h2 = _at(hess, first), _at(hess, second)
-    s1, s2 = _at(score, first), _at(score, second)
-    m1, m2 = _at(v, first).float(), _at(v, second).float()
-    h12 = _at(alpha, first) * _at(alpha, second) * (m1 + m2 - 2 * out).norm(dim=-1)
-    w1, w2 = h1 - h12, h2 - h12
-    total = w1 + w2
-    # Not convex: a member with h <= 0, h11 h22 <= h12², or a vanishing sum of weights.
-    fallback = (h1 <= 0) | (h2 <= 0) | (h1 * h2 <= h12**2)
-    fallback |= total <= eps * (h1.abs() + h2.abs())
-    s_total = s1 + s2
-    by1 = torch.where(s_total > 0, s1 / s_total.clamp_min(1e-30), 0.5)
-    by2 = torch.where(s_total > 0, s2 / s_total.clamp_min(1e-30), 0.5)
-    denom = torch.where(fallback, 1, total)
-    w1 = torch.where(fallback, by1, w1 / denom)
-    w2 = torch.where(fallback, by2, w2 / denom)
-    if convex:
-        w1, w2 = w1.clamp_min(0), w2.clamp_min(0)
-        w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
-
-    k1, k2 = _at(k, first).float(), _at(k, second).float()
-    if inv_freq is not None:
-        gap = _at(pos, second) - _at(pos, first)
-        k1 = rope_rotate(k1, gap, inv_freq.to(k1.device), rotary_dim)
-    c1, c2 = _at(logc, first).exp(), _at(logc, second).exp()
-    merged = {
-        "k": w1[..., None] * k1 + w2[..., None] * k2,
-        "v": (c1[..., None] * m1 + c2[..., None] * m2) / (c1 + c2)[..., None],
-        "logc": (c1 + c2).log(),
-        "hess": w1**2 * h1 + w2**2 * h2,
-        "score": s1 + s2,
-    }
+    pair = torch.stack([first, second], dim=-1)  # [B, H, 2]
+    m = _gather(v, pair).float()
+    merged = merge_runs(
+        _gather(k, pair).float(), m, _gather(logc, pair), _gather(hess, pair),
+        _gather(score, pair), _gather(pos, pair),
+        adjacent_coupling(_gather(alpha, pair), m, out[:, :, None]), torch.ones_like(do)[..., None],
+        inv_freq, rotary_dim, convex, eps,
+    )  # fmt: skip
     buffers = {"k": k, "v": v, "logc": logc, "pos": pos, "hess": hess, "score": score,
                "steps": steps}  # fmt: skip
-    for name, value in merged.items():
-        _put(buffers[name], second, value, do)
+    for name in ("k", "v", "logc", "hess", "score"):
+        _put(buffers[name], second, getattr(merged, name)[:, :, 1], do)
     for name, buf in buffers.items():
         _put(buf, first, torch.full_like(_at(buf, first), EMPTY[name]), do)
-    return fallback & do
+    return merged.fallback[:, :, 1] & do
 
 
 @kernel_op("kvslim::select_pair")

@@ -5,8 +5,8 @@
   position-order successor from it; the edge costs of all heads are summed for the shared
   selection, then each head takes its argmin (ties: lowest position, as ``torch.argmin``).
 * ``_merge_pair``: one program per ``(batch, KV head)``; it loads the pair's two rows, rotates
-  the earlier key by the position gap (HF ``rotate_half`` layout), combines, and writes the two
-  slots, all masked by ``do``.
+  the earlier key by the position gap (HF ``rotate_half`` layout), combines them as
+  ``run_merge.merge_runs`` does a run of two, and writes the two slots, all masked by ``do``.
 
 Launches go through ``torch.library.wrap_triton`` so the ops stay traceable.
 """

@@ -1,4 +1,8 @@
-"""``kvslim::select_pair`` / ``kvslim::merge_pair``: Triton (interpreter on CPU) = reference."""
+"""``kvslim::select_pair`` / ``kvslim::merge_pair``: Triton (interpreter on CPU) = reference.
+
+The merge reference is ``run_merge.merge_runs`` on a run of two: the one definition of the merge
+arithmetic, whose properties ``test_run_merge.py`` checks.
+"""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ A chunk that needs several merges may select touching pairs; such a run of ``r``
 merges its ``r + 1`` slots at once with the same quadratic summed over the run
 (``k* = Σ w_i k_i / Σ w_i``, ``w_i = h_ii − Σ_{selected edges at i} h_e``), which for one pair
 is exactly the formula above: every token stays in exactly one slot and the step frees exactly
-``need`` slots. In decode (one token per step) only single pairs are ever merged.
+``need`` slots. In decode (one token per step) only single pairs are ever merged. The arithmetic
+is ``kernels/run_merge.py``'s, which decode's ``kvslim::merge_pair`` shares.
 
 Attention counts a merged slot ``min(c, bias_cap)`` times (its ``log c`` bias capped). The paper's
 exact bias (``bias_cap=inf``) measured worse than no bias (``bias_cap=1``, the default) on
@@ -37,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..errors import KVSlimError
-from ..kernels.kvslimmer import rope_rotate
 from ..kernels.pair_merge import pair_costs
+from ..kernels.run_merge import adjacent_coupling, hessian_proxy, merge_runs
 from .base import Method, SlotLayout, non_negative, number_at_least, rank
 
 _SLOT_STATE = {
@@ -156,7 +157,7 @@ class KVSlimmer(Method):
         a_old, a_new = alpha[..., :C], alpha[..., C:]
         means = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
         out = (alpha[..., None] * means).sum(2, keepdim=True)  # [B, H, 1, D]
-        h_now = alpha * (1 - 2 * alpha) * (means - out).norm(dim=-1)
+        h_now = hessian_proxy(alpha, means, out)
 
         lived = (cache.pos[:, :, :C] >= 0) & (queries > 0)[:, None, None]
         steps = cache.steps[:, :, :C] + lived
@@ -207,64 +208,21 @@ class KVSlimmer(Method):
         """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
         C = cache.capacity
         order, sp, score, edge = pair_costs(*self._selection(cache))
-        sel = disjoint_cheapest(edge, need)  # [B, H, C - 1]
+        joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
 
-        # Runs of selected edges; the last slot of a run survives and holds the merge.
-        no = torch.zeros_like(sel[..., :1])
-        joined_left = torch.cat([no, sel], dim=-1)  # [B, H, C]: edge (i - 1, i) selected
-        joined_right = torch.cat([sel, no], dim=-1)
-        run = (~joined_left).long().cumsum(-1) - 1
-        members = torch.zeros_like(sp, dtype=torch.float32).scatter_add_(
-            2, run, torch.ones_like(sp, dtype=torch.float32)
-        )
-        merged = members.gather(2, run) > 1  # sorted slot belongs to a run being merged
+        def sort(x: Tensor) -> Tensor:
+            return x.gather(2, order if x.dim() == 3 else order[..., None].expand_as(x))
 
-        a = alpha.gather(2, order)
-        m = means.gather(2, order[..., None].expand_as(means))
-        h = cache.hess[:, :, :C].gather(2, order)
-        h12 = a[..., :-1] * a[..., 1:] * (m[..., :-1, :] + m[..., 1:, :] - 2 * out).norm(dim=-1)
-        h12 = torch.where(sel, h12, 0)
-        zero = torch.zeros_like(h12[..., :1])
-        w = h - torch.cat([zero, h12], dim=-1) - torch.cat([h12, zero], dim=-1)
-
-        def run_sum(x: Tensor) -> Tensor:
-            shape = x.shape
-            idx = run if x.dim() == 3 else run[..., None].expand_as(x)
-            return torch.zeros(shape, dtype=x.dtype, device=x.device).scatter_add_(2, idx, x)
-
-        def per_slot(x: Tensor) -> Tensor:
-            idx = run if x.dim() == 3 else run[..., None].expand_as(x)
-            return x.gather(2, idx)
-
-        total = per_slot(run_sum(w))
-        scale = per_slot(run_sum(h.abs()))
-        # Not convex: a member with h <= 0, an edge with h11 h22 <= h12², or a vanishing sum.
-        bad_edge = sel & (h[..., :-1] * h[..., 1:] <= h12**2)
-        bad = merged & ((h <= 0) | torch.cat([no, bad_edge], -1) | torch.cat([bad_edge, no], -1))
-        fallback = per_slot(run_sum(bad.float())) > 0
-        fallback |= total <= self.eps * scale
-        s_total = per_slot(run_sum(score))
-        by_score = torch.where(s_total > 0, score / s_total.clamp_min(1e-30), 1 / per_slot(members))
-        weight = torch.where(fallback, by_score, w / torch.where(fallback, 1, total))
-        if self.convex:
-            weight = weight.clamp_min(0)
-            weight = weight / per_slot(run_sum(weight))
-
-        last_pos = per_slot(run_sum(torch.where(joined_right, 0, sp)))
-        keys = cache.k[:, :, :C].gather(2, order[..., None].expand_as(cache.k[:, :, :C])).float()
+        m = sort(means)
         rope = cache.rope
-        if rope is not None:
-            keys = rope_rotate(keys, last_pos - sp, rope.inv_freq.to(keys.device), rope.rotary_dim)
-        k_star = per_slot(run_sum(weight[..., None] * keys))
-        card = cache.logc[:, :, :C].gather(2, order).exp()
-        c_total = per_slot(run_sum(card))
-        v_star = per_slot(run_sum(card[..., None] * m)) / c_total[..., None]
-        h_star = per_slot(run_sum(weight**2 * h))
-        score_star = per_slot(run_sum(score))
-        steps_star = cache.steps[:, :, :C].gather(2, order)
-
-        survivor = merged & ~joined_right
-        gone = merged & joined_right
+        merged = merge_runs(
+            sort(cache.k[:, :, :C]).float(), m, sort(cache.logc[:, :, :C]),
+            sort(cache.hess[:, :, :C]), score, sp, adjacent_coupling(sort(alpha), m, out), joined,
+            None if rope is None else rope.inv_freq, None if rope is None else rope.rotary_dim,
+            self.convex, self.eps,
+        )  # fmt: skip
+        survivor = merged.survivor
+        gone = merged.merged & ~survivor
 
         def store(name: str, new: Tensor, empty: float) -> None:
             buf = getattr(cache, name)[:, :, :C]
@@ -275,12 +233,12 @@ class KVSlimmer(Method):
             val = torch.where(keep, new.to(buf.dtype), torch.where(drop, empty, cur))
             buf.scatter_(2, idx, val)
 
-        store("k", k_star, 0.0)
-        store("v", v_star, 0.0)
-        store("logc", c_total.log(), 0.0)
-        store("hess", h_star, 0.0)
-        store("score", score_star, 0.0)
-        store("steps", steps_star, 0.0)
-        store("pos", last_pos, -1)
-        cache.merge_stats[0] += (survivor.sum()).double()
-        cache.merge_stats[1] += (survivor & fallback).sum().double()
+        store("k", merged.k, 0.0)
+        store("v", merged.v, 0.0)
+        store("logc", merged.logc, 0.0)
+        store("hess", merged.hess, 0.0)
+        store("score", merged.score, 0.0)
+        store("steps", sort(cache.steps[:, :, :C]), 0.0)
+        store("pos", merged.pos, -1)
+        cache.merge_stats[0] += survivor.sum().double()
+        cache.merge_stats[1] += (survivor & merged.fallback).sum().double()
