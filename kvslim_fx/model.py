@@ -72,7 +72,8 @@ class KVSlimModel(nn.Module):
                 "shorten the prompt or generate fewer tokens"
             )
         slots = self.method.slots(prompt_len or max_length, max_length)
-        limit = self.method.max_chunk(slots)
+        # A cache that holds the whole sequence never compresses, so its chunks need no limit.
+        limit = None if max_length <= slots else self.method.max_chunk(slots)
         if limit is not None and limit < 1:
             raise KVSlimError(
                 f"{self.method.name}: a budget of {slots} slots leaves no room to compress; "

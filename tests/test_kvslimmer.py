@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -121,9 +122,60 @@ def test_decode_past_the_budget_keeps_generating_sensibly():
 def test_long_chunks_are_split_to_what_a_budget_can_free():
     model = kv_model("llama", "kvslimmer", 48, chunk_size=512, sink=4, recent=8)
     model.reset(batch_size=1, max_length=200)
-    assert model.chunk_size == 48 - 4 - 8 - 1
+    assert model.chunk_size == (48 - 4 - 8 - 1) // 4  # merge_fraction=0.25 of the mergeable pairs
+    model = kv_model("llama", "kvslimmer", 48, chunk_size=512, merge_fraction=0.5)
+    model.reset(batch_size=1, max_length=200)
+    assert model.chunk_size == (48 - 3 - 3 - 1) // 2  # sink and recent: a sixteenth of 48
     with pytest.raises(KVSlimError, match="leaves no room to compress"):
         kv_model("llama", "kvslimmer", 12, sink=4, recent=8).reset(batch_size=1)
+    # A budget covering the sequence never merges: chunks keep their requested size.
+    model.reset(batch_size=1, max_length=40)
+    assert model.chunk_size == 512
+
+
+@pytest.mark.parametrize(
+    ("budget", "sink_recent"), [(7, 1), (16, 1), (64, 4), (512, 32), (4096, 32)]
+)
+def test_sink_and_recent_scale_with_small_budgets(budget, sink_recent):
+    method = KVSlimmer(budget)
+    assert method.sink_for(budget) == method.recent_for(budget) == sink_recent
+    assert method.max_chunk(budget) >= 1
+    assert KVSlimmer(6).max_chunk(6) == 0  # the smallest budget the defaults accept is 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    budget=st.integers(7, 64),
+    fraction=st.sampled_from([0.125, 0.25, 0.5]),
+    length=st.integers(1, 160),
+    chunk=st.integers(1, 64),
+    steps=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_no_merge_event_takes_more_than_its_fraction_of_the_mergeable_pairs(
+    budget, fraction, length, chunk, steps, seed
+):
+    """The schedule that cannot collapse: each event merges at most ``merge_fraction`` of the
+    pairs it may merge, and (since that is at most half) only disjoint pairs."""
+    from kvslim_fx.methods import kvslimmer as module
+
+    events = []
+    select = module.disjoint_cheapest
+
+    def recording(edge, need):
+        joined = select(edge, need)
+        events.append(
+            (joined.sum(-1), torch.isfinite(edge).sum(-1), joined[..., 1:] & joined[..., :-1])
+        )
+        return joined
+
+    model = kv_model("llama", "kvslimmer", budget, chunk_size=chunk, merge_fraction=fraction)
+    ids, mask = prompts(2, length, [0, length // 3], seed=seed)
+    with patch.object(module, "disjoint_cheapest", recording):
+        prefill_and_decode(model, ids, mask, steps)
+    for selected, mergeable, touching in events:
+        assert (selected <= fraction * mergeable).all(), (selected, mergeable)
+        assert not touching.any()
 
 
 def test_bias_cap_limits_the_cardinality_attention_counts():
@@ -145,4 +197,6 @@ def test_options_are_checked():
     with pytest.raises(KVSlimError, match="score must be one of mean, last"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, score="max")
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
-        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32)
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32, sink=32)
+    with pytest.raises(KVSlimError, match=r"merge_fraction must lie in \(0, 0.5\]"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, merge_fraction=0.75)

@@ -51,11 +51,13 @@ class Method:
     """
 
     name: ClassVar[str]
-    default_sink: ClassVar[int] = 0
+    # None: the method picks its sinks per layer from the layer's slots.
+    default_sink: ClassVar[int | None] = 0
     needs_rope: ClassVar[bool] = False
 
     def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:
-        self.sink = non_negative("sink", self.default_sink if sink is None else sink)
+        sink = self.default_sink if sink is None else sink
+        self.sink = None if sink is None else non_negative("sink", sink)
         self.budget = self._check_budget(budget)
 
     def _check_budget(self, budget: int | float | None) -> int | float | None:
@@ -73,7 +75,7 @@ class Method:
                     "number of slots"
                 )
             return budget
-        if budget <= self.sink:
+        if budget <= (self.sink or 0):
             raise KVSlimError(
                 f"budget={budget} must exceed sink={self.sink} (the budget counts the sink "
                 f"slots); raise the budget or lower sink"
@@ -85,7 +87,7 @@ class Method:
         if self.budget is None:
             return _round_up(max_length)
         if isinstance(self.budget, float):
-            return max(self.sink + 1, math.ceil(self.budget * prompt_len))
+            return max((self.sink or 0) + 1, math.ceil(self.budget * prompt_len))
         return self.budget
 
     def layout(self, slots: int, window: int) -> SlotLayout:  # pragma: no cover - abstract

@@ -53,35 +53,43 @@ _SLOT_STATE = {
 # that of the last step only (the reference code's choice, and TOVA's rule).
 _SCORES = ("mean", "last")
 
-# Rounds of disjoint-pair selection before the rest of a step's merges may chain into runs.
-_DISJOINT_ROUNDS = 4
+
+def _sixteenth(slots: int) -> int:
+    """A sixteenth of ``slots``, at least 1 and at most 32 (the reference's sinks at 2k slots)."""
+    return min(32, max(1, slots // 16))
+
+
+def _alternate_below(edge: Tensor, t: Tensor) -> Tensor:
+    """Every other edge, from the first, of each run of consecutive edges costing ``<= t``."""
+    cheap = (edge <= t[..., None]) & torch.isfinite(edge)
+    idx = torch.arange(edge.shape[-1], device=edge.device).expand_as(edge)
+    last_break = torch.where(cheap, -1, idx).cummax(-1).values
+    return cheap & ((idx - last_break) % 2 == 1)
 
 
 def disjoint_cheapest(edge: Tensor, need: Tensor) -> Tensor:
-    """Pick ``need [B, H]`` of the edges ``[B, H, E]`` (``inf`` = not allowed), cheapest first,
-    as pairs that share no slot wherever possible.
+    """Pick ``need [B, H]`` of the edges ``[B, H, E]`` (``inf`` = not allowed) as cheap pairs
+    that share no slot.
 
-    Each round takes the cheapest edges that are local minima among the still-free edges (two
-    local minima are never adjacent) and blocks their neighbours; after a few rounds, whatever is
-    still needed comes from the cheapest remaining edges, which may touch earlier picks and then
-    merge as runs. Without this a step that frees many slots (a prefill chunk) chains the
-    low-scoring old region into one giant slot: with 512 slots and a 2k prompt, one slot held
-    1472 tokens. Ties go to the earlier edge, so ``need = 1`` picks ``edge.argmin``.
+    For a threshold ``t``, every other edge of each run of edges costing at most ``t`` gives
+    disjoint pairs; their number only grows with ``t`` (by at most one per added edge), so a
+    binary search over the sorted costs finds the smallest ``t`` that gives ``need`` of them
+    (the cheapest ones are kept if ties give more). Disjoint pairs always suffice when ``need``
+    is at most half of the allowed edges and those form one run, which the merge schedule
+    guarantees; otherwise the cheapest remaining edges make up the rest and merge as runs.
+    Ties go to the earlier edge, so ``need = 1`` picks ``edge.argmin``.
     """
-    inf = torch.full_like(edge[..., :1], torch.inf)
-    sel = torch.zeros_like(edge, dtype=torch.bool)
-    free = torch.isfinite(edge)
-    left = need[..., None]
-    for _ in range(_DISJOINT_ROUNDS):
-        c = torch.where(free, edge, torch.inf)
-        local = (
-            free & (c < torch.cat([inf, c[..., :-1]], -1)) & (c <= torch.cat([c[..., 1:], inf], -1))
-        )
-        pick = local & (rank(torch.where(local, c, torch.inf)) < left)
-        sel |= pick
-        left = left - pick.sum(-1, keepdim=True)
-        no = torch.zeros_like(pick[..., :1])
-        free &= ~(pick | torch.cat([no, pick[..., :-1]], -1) | torch.cat([pick[..., 1:], no], -1))
+    costs = edge.sort(-1).values
+    lo = torch.zeros_like(need)
+    hi = torch.isfinite(edge).sum(-1).clamp_min(1) - 1
+    for _ in range(max(1, edge.shape[-1]).bit_length()):
+        mid = (lo + hi) // 2
+        enough = _alternate_below(edge, costs.gather(-1, mid[..., None])[..., 0]).sum(-1) >= need
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    picks = _alternate_below(edge, costs.gather(-1, lo.clamp_max(hi)[..., None])[..., 0])
+    sel = picks & (rank(torch.where(picks, edge, torch.inf)) < need[..., None])
+    left = need[..., None] - sel.sum(-1, keepdim=True)
     rest = torch.where(sel, torch.inf, edge)
     return sel | (torch.isfinite(rest) & (rank(rest) < left))
 
@@ -90,27 +98,30 @@ class KVSlimmer(Method):
     """Asymmetric KV merging with the exact, forward-only Hessian; see the module docstring."""
 
     name = "kvslimmer"
-    default_sink = 32
+    default_sink = None  # scaled to the slots: see sink_for
     needs_rope = True
 
     def __init__(
         self,
         budget: int | float | None = None,
         sink: int | None = None,
-        recent: int = 32,
+        recent: int | None = None,
         per_head: bool = False,
         recency: float = 0.0,
         convex: bool = False,
         bias_cap: float = 1.0,
         score: str = "last",
+        merge_fraction: float = 0.25,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
-        self.recent = non_negative("recent", recent)
+        self.recent = None if recent is None else non_negative("recent", recent)
         self.per_head = bool(per_head)
         self.recency = number_at_least(
-            "recency", recency, 0, "the reference code's γ = 4096 / ln 512 ≈ 656.8; 0 = off"
-        )
+            "recency", recency, 0,
+            "the recency factor exp(j/γ) at the budget's last pair; the reference's is about "
+            "22.6; 0 = off",
+        )  # fmt: skip
         self.convex = bool(convex)
         self.bias_cap = number_at_least(
             "bias_cap", bias_cap, 1,
@@ -119,12 +130,30 @@ class KVSlimmer(Method):
         if score not in _SCORES:
             raise KVSlimError(f"score must be one of {', '.join(_SCORES)}, got {score!r}")
         self.score = score
+        if (
+            isinstance(merge_fraction, bool)
+            or not isinstance(merge_fraction, int | float)
+            or not (0 < merge_fraction <= 0.5)
+        ):
+            raise KVSlimError(
+                f"merge_fraction must lie in (0, 0.5] (the largest share of the mergeable pairs "
+                f"one step may merge, so that they can all be disjoint), got {merge_fraction!r}"
+            )
+        self.merge_fraction = float(merge_fraction)
         self.eps = float(eps)
 
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
-                "recency": self.recency, "convex": self.convex,
-                "bias_cap": self.bias_cap, "score": self.score}  # fmt: skip
+                "recency": self.recency, "convex": self.convex, "bias_cap": self.bias_cap,
+                "score": self.score, "merge_fraction": self.merge_fraction}  # fmt: skip
+
+    def sink_for(self, slots: int) -> int:
+        """Sink slots of a ``slots``-slot layer: the option, or 1/16 of the slots (1 to 32)."""
+        return _sixteenth(slots) if self.sink is None else self.sink
+
+    def recent_for(self, slots: int) -> int:
+        """Protected recent slots: the option, or 1/16 of the slots (1 to 32)."""
+        return _sixteenth(slots) if self.recent is None else self.recent
 
     def attention_logc(self, logc: Tensor) -> Tensor:
         # Counting all ``c`` members at the merged key's logit gives the model more of the
@@ -143,48 +172,58 @@ class KVSlimmer(Method):
         return dict(_SLOT_STATE)
 
     def max_chunk(self, slots: int) -> int:
-        # Mergeable edges when full: slots outside the sinks and the recent window, minus one.
-        return slots - self.sink - self.recent - 1
+        # A full cache has `edges` mergeable pairs; a step merges as many as it adds tokens, so
+        # the chunk limit keeps every merge event within `merge_fraction` of them.
+        edges = slots - self.sink_for(slots) - self.recent_for(slots) - 1
+        return math.floor(self.merge_fraction * edges)
 
     def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
         C = cache.capacity
         H = k.shape[1]
-        real = kv_pos >= 0  # [B, L]
-        queries = real.sum(1) * (cache.site.num_q_heads // H)  # query rows behind `mass`
-        # Mean attention probability of the cache's slots then the new tokens (trash slot out).
-        alpha = torch.cat([mass[..., :C], mass[..., C + 1 :]], dim=2)
-        alpha = alpha / queries.clamp_min(1)[:, None, None]  # [B, H, C + L]
-        a_old, a_new = alpha[..., :C], alpha[..., C:]
-        means = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
+        count = (kv_pos >= 0).sum(1)[:, None, None]  # [B, 1, 1] real queries of the step
+        # Mean attention probability per query of each cached slot (all of the step's queries
+        # see it). A new token gets its first statistics at its first step in the cache, as in
+        # the reference, where a chunk's tokens are first scored by the next chunk's queries.
+        prob = mass[..., :C] / (count * (cache.site.num_q_heads // H)).clamp_min(1)
+        logc, pos = cache.logc[:, :, :C], cache.pos[:, :, :C]
+        # The selection statistic counts every member of a merged slot, whatever the bias the
+        # attention uses, so that a slot of many tokens is as costly to merge as they are.
+        score_now = prob * (logc - self.attention_logc(logc)).exp()
+
+        # Hessian proxy of the attention output restricted to the non-sink slots, with the
+        # attention renormalised over them (the reference's normalisation).
+        middle = pos >= self.sink_for(C)
+        alpha = torch.where(middle, prob, 0)
+        alpha = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
+        means = cache.v[:, :, :C].float()
         out = (alpha[..., None] * means).sum(2, keepdim=True)  # [B, H, 1, D]
         h_now = hessian_proxy(alpha, means, out)
 
-        lived = (cache.pos[:, :, :C] >= 0) & (queries > 0)[:, None, None]
+        lived = (pos >= 0) & (count > 0)
         steps = cache.steps[:, :, :C] + lived
         n = steps.clamp_min(1)
-        cache.hess[:, :, :C] += torch.where(lived, (h_now[..., :C] - cache.hess[:, :, :C]) / n, 0)
+        cache.hess[:, :, :C] += torch.where(lived, (h_now - cache.hess[:, :, :C]) / n, 0)
         if self.score == "last":
-            cache.score[:, :, :C] = torch.where(lived, a_old, cache.score[:, :, :C])
+            cache.score[:, :, :C] = torch.where(lived, score_now, cache.score[:, :, :C])
         else:
-            cache.score[:, :, :C] += torch.where(lived, (a_old - cache.score[:, :, :C]) / n, 0)
+            cache.score[:, :, :C] += torch.where(lived, (score_now - cache.score[:, :, :C]) / n, 0)
         cache.steps[:, :, :C] = steps
 
-        need = (real.sum(1)[:, None] - (cache.pos[:, :, :C] < 0).sum(-1)).clamp_min(0)  # [B, H]
+        need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
         # Decode frees at most one slot: merging one pair touches two slots, not the cache.
         # (An exported graph's step length is symbolic: it keeps the general path.)
         L = k.shape[2]
         merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
-        merge(cache, need, a_old, means[:, :, :C], out)
-        cache.write_free(
-            k, v, kv_pos,
-            {"hess": h_now[..., C:], "score": a_new, "steps": real[:, None, :].float()},
-        )  # fmt: skip
+        merge(cache, need, alpha, means, out)
+        cache.write_free(k, v, kv_pos, {})
 
     def _selection(self, cache) -> tuple:
         """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for ``cache``'s slots."""
         C = cache.capacity
-        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink, self.recent,
-                self.per_head, self.recency)  # fmt: skip
+        # The reference's recency factor exp(j/γ) reaches `recency` at the budget's last pair.
+        gamma = C / math.log(self.recency) if self.recency > 1 else 0.0
+        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink_for(C),
+                self.recent_for(C), self.per_head, gamma)  # fmt: skip
 
     def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
