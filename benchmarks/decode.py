@@ -346,7 +346,7 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device, lengt
     else:
         from transformers import AutoModelForCausalLM
 
-        from kvslim_fx.models import resolve_model
+        from kvslim_fx.eval.default_model import resolve_model
 
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model(spec), dtype=dtype, attn_implementation="sdpa", local_files_only=True
@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_torch(args)
     device = torch.device(args.device)
     if args.model != "tiny":
-        from kvslim_fx.models import resolve_model
+        from kvslim_fx.eval.default_model import resolve_model
 
         args.model = str(resolve_model(args.model))  # converts the default model once, here
 

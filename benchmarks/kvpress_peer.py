@@ -19,7 +19,7 @@ merging_expected_attention,cam \\
 
 ``quality.py --write-cases`` takes the same settings as its sweep (``--context``,
 ``--continuation``, ``--windows``, ``--lengths``, ``--depths``, ``--samples``, ``--seed``) and
-writes exactly the windows and cases the sweep scores (``kvslim_fx.case_export.write_cases``;
+writes exactly the windows and cases the sweep scores (``kvslim_fx.eval.case_file.write_cases``;
 ``kvslim-fx eval --export-cases`` writes the same schema). Add ``--task perplexity`` etc. to
 split the peer run; rerunning skips the finished rows. The 8k perplexity windows take about
 1-2 min a row on 1 thread.
@@ -38,7 +38,7 @@ How kvpress compresses, and so what the numbers mean:
   is then teacher-forced one token at a time through the compressed cache with no press, and
   the cache grows by one slot per token (kvpress does not compress during decoding). Token
   ``C + j`` is predicted by the logit of token ``C + j - 1``, the first one by the last prefill
-  logit, as ``kvslim_fx.evaluate.continuation_nll``; decode steps pass the true position ids
+  logit, as ``kvslim_fx.eval.perplexity.continuation_nll``; decode steps pass the true position ids
   (the cache is shorter than the text), as kvpress's pipeline does.
 * ``cam`` (CaM) is kvpress's decoding press: the prefill keeps everything, then every decode step
   merges the evicted values into their kept neighbours to hold ``round(budget * prompt)`` slots.
@@ -182,7 +182,7 @@ def row_key(press: str, budget: float, task: str, item_id: str, digest: str, dty
 
 
 def exact_match(output: str, answer: str) -> bool:
-    """The main harness's metric (kvslim_fx.retrieval.exact_match): the *first* number in
+    """The main harness's metric (kvslim_fx.eval.answers.exact_match): the *first* number in
     ``output`` is exactly ``answer``, so listing several numbers or a longer number is wrong."""
     first = re.search(r"\d+", output)
     return first is not None and first.group() == answer

@@ -7,7 +7,7 @@ Three tasks (``--tasks``), every (method, budget) cell computed through the comp
   per-token NLL. ``full`` is the reference (it reproduces the original model; ``--check``
   verifies that against one HF forward pass).
 * ``needle``: a pass key hidden at each of ``--depths`` of ``--lengths``-token prompts
-  (:mod:`kvslim_fx.haystack`), answered greedily; exact match.
+  (:mod:`kvslim_fx.eval.haystack`), answered greedily; exact match.
 * ``retrieval``: four people's secret numbers hidden in the text, one of them asked for.
 
 ::
@@ -64,13 +64,13 @@ from pathlib import Path
 
 import torch
 
-from kvslim_fx.case_export import write_cases
 from kvslim_fx.errors import KVSlimError
-from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
-from kvslim_fx.haystack import Case, needle_cases, retrieval_cases
+from kvslim_fx.eval.answers import answer_case, answer_tokens
+from kvslim_fx.eval.case_file import write_cases
+from kvslim_fx.eval.default_model import load_default_model
+from kvslim_fx.eval.haystack import Case, needle_cases, retrieval_cases
+from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity, reference_nll
 from kvslim_fx.methods import METHODS, make_method, parse_spec
-from kvslim_fx.models import load_default_model
-from kvslim_fx.retrieval import answer_case, answer_tokens
 from kvslim_fx.transform import transform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -843,7 +843,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
             md += [
                 f"Prompts of {', '.join(map(str, args.lengths))} tokens with {hidden} at depths "
                 f"{', '.join(f'{d:g}' for d in args.depths)} ({args.samples} case(s) per cell, "
-                f"seed {args.seed}; `kvslim_fx.haystack`), answered greedily; right when the "
+                f"seed {args.seed}; `kvslim_fx.eval.haystack`), answered greedily; right when the "
                 f"first number generated is the hidden one. Seconds: wall time per case, "
                 f"{_threads_note(rows)}.",
                 "",

@@ -19,7 +19,7 @@ import torch
 from helpers import hf_model
 from tiny_models import EOS_TOKEN_ID, VOCAB_SIZE
 
-from kvslim_fx.evaluate import reference_nll
+from kvslim_fx.eval.perplexity import reference_nll
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_peer.py"
 _spec = importlib.util.spec_from_file_location("kvpress_peer", _PATH)

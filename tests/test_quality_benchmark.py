@@ -13,8 +13,7 @@ import pytest
 from helpers import hf_model, kv_model
 from tiny_text import BOOKS, char_tokenizer
 
-from kvslim_fx import evaluate
-from kvslim_fx.evaluate import austen_windows, continuation_nll
+from kvslim_fx.eval.perplexity import austen_windows, continuation_nll
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +29,7 @@ def load_script(name: str):
 def quality(monkeypatch):
     """The benchmark module, on the tiny llama, the character tokenizer and a fake corpus."""
     module = load_script("quality")
-    monkeypatch.setattr(evaluate, "austen_text", lambda: dict(BOOKS))
+    monkeypatch.setattr("kvslim_fx.eval.perplexity.austen_text", lambda: dict(BOOKS))
     tiny = (hf_model("llama"), char_tokenizer())
     monkeypatch.setattr(module, "load_default_model", lambda dtype: tiny)
     # The cached transforms of the other tests: transform() itself is the slow part here.

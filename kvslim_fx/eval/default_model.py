@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import KVSlimError
+from ..errors import KVSlimError
 
 CACHE_ENV = "KVSLIM_FX_CACHE"
 DEFAULT_NAMES = ("smollm2", "smollm2-135m-instruct")
