@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "--budget",
         metavar="N|F",
         help="KV slots kept per layer, sink slots included (int, e.g. 2048), or a fraction of "
-        "the prompt (e.g. 0.25); default: keep everything",
+        "the prompt (e.g. 0.25 or 25%%); default: keep everything",
     )
     common.add_argument(
         "--sink", type=int, metavar="N", help="sink slots (default: the method's own)"
@@ -448,9 +448,10 @@ class _Clock:
 
 def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     """transform()'s keyword arguments, checked before any model is loaded."""
+    from .budget import parse_budget
     from .methods import make_method, parse_option
 
-    budget = _budget(args.budget)
+    budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     method_options = dict(parse_option(text) for text in args.option)
     if args.sink is not None:
         method_options["sink"] = args.sink
@@ -462,17 +463,6 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         **method_options,
     }
-
-
-def _budget(text: str | None) -> int | float | None:
-    if text is None:
-        return None
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    raise KVSlimError(
-        f"--budget must be a number of slots (e.g. 2048) or a fraction (e.g. 0.25), got {text!r}"
-    )
 
 
 def _model_dir(model: str | None) -> Path:
