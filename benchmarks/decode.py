@@ -79,13 +79,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import full_kv_bytes, log, save_results
+
+from kvslim_fx.budget import parse_budgets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_METHODS = "streaming,kvslimmer,weightedkv,h2o,tova,snapkv"
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------- rows
@@ -107,17 +106,6 @@ class Row:
         if isinstance(self.budget, float):
             return max(1, round(self.budget * context))
         return self.budget
-
-
-def parse_budget(text: str) -> int | float:
-    """``"2048"`` → 2048 slots; ``"0.25"`` or ``"25%"`` → the fraction 0.25 of the context."""
-    text = text.strip()
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if "." in text or text.endswith("%") or value < 1:
-        if not 0 < value <= 1:
-            raise ValueError(f"a fractional budget must be in (0, 1], got {text!r}")
-        return value
-    return int(value)
 
 
 def budget_label(budget: int | float) -> str:
@@ -357,14 +345,6 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device, lengt
     return model.to(device=device, dtype=dtype)
 
 
-def full_kv_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of an uncompressed K/V cache of ``tokens`` tokens (HF's dynamic cache)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch * heads * head_dim * tokens * elem
-
-
 # ---------------------------------------------------------------------------------- decoders
 # A decoder holds one row's model and cache: reset(), prefill(ids) → logits, step(token) →
 # logits, plus what the report needs (cache bytes, per-layer slot sizes).
@@ -592,7 +572,7 @@ def run_cell(hf: Any, row: Row, context: int, batch: int, args) -> dict:
             "process_peak_bytes": process_peak,
             "held_bytes": held,
             "cache_bytes": dec.cache_bytes(),
-            "full_cache_bytes": full_kv_bytes(hf.config, batch, max_length, hf.dtype),
+            "full_cache_bytes": full_kv_bytes(hf.config, max_length, hf.dtype, batch),
             "weight_bytes": weights_read_bytes(hf),
             "kv_read_bytes": kv,
             "build_s": build_s,
@@ -935,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.context_list = [int(x) for x in args.contexts.split(",") if x.strip()]
         args.batch_list = [int(x) for x in args.batch.split(",") if x.strip()]
-        budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = parse_budgets(args.budgets, "--budgets")
         modes = [m.strip() for m in args.method_modes.split(",") if m.strip()]
         if set(modes) - {"eager", "compile", "aoti"}:
             raise ValueError(f"--method-modes takes eager, compile, aoti; got {modes}")
@@ -953,12 +933,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stem = args.out or f"benchmarks/results/decode{'-' + args.tag if args.tag else ''}"
     args.out_stem = str(stem)
     return args
-
-
-def save_json(path: Path, results: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous version
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -1039,11 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     log(f"{row.name} context={context} batch={batch}: {result['error']}")
                 # Saved after every cell: a run killed at a time limit keeps what it measured.
-                save_json(out.with_suffix(".json"), results)
+                save_results(out.with_suffix(".json"), results)
 
     add_ratios(cells)
     add_roofline(cells, bandwidth)
-    save_json(out.with_suffix(".json"), results)
+    save_results(out.with_suffix(".json"), results)
     text = table(cells)
     print(text)
     model_name = "tiny random Llama" if args.model == "tiny" else Path(args.model).name

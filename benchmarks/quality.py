@@ -37,9 +37,10 @@ merging_expected_attention,cam \\
 Why 8064 + 128 for perplexity: SmolLM2-135M has 8192 positions and the window must fit them, so
 the longest context that leaves a 128-token continuation is 8192 - 128 = 8064.
 
-Budgets: a number with a decimal point is a fraction of the prompt, so every method is compared
-at the same cache size: of the perplexity context (``round(frac * context)`` slots, e.g. 0.25 →
-2016) and of each needle/retrieval prompt; an integer is a fixed number of slots per layer.
+Budgets (``kvslim_fx.budget``): a number with a decimal point, or a percentage, is a fraction of
+the prompt, so every method is compared at the same cache size: of the perplexity context
+(``round(frac * context)`` slots, e.g. 0.25 → 2016) and of each needle/retrieval prompt; an
+integer is a fixed number of slots per layer.
 ``full`` ignores them. Writes ``OUT.json`` (every per-window and per-case number, settings,
 versions), ``OUT.md`` (a table per task, and the command that regenerates them) and ``OUT.png``
 (quality against cache bytes, a panel per task). Finished cells are kept in ``OUT.json`` and
@@ -51,10 +52,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -63,7 +62,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import load_results, log, save_results, token_digest
 
+from kvslim_fx.budget import Budget, parse_budgets
 from kvslim_fx.errors import KVSlimError
 from kvslim_fx.eval.answers import answer_case, answer_tokens
 from kvslim_fx.eval.case_file import write_cases
@@ -93,13 +94,6 @@ PEER_CAVEATS = (
     "compressed cache, which grows by one slot per token."
 )
 
-Budget = int | float | None
-"""``None``: keep everything (``full``); an int: slots per layer; a float: a prompt fraction."""
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -114,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default="0.125,0.25,0.5",
-        help="fractions of the prompt (0.25) and/or fixed slots per layer (1024), comma-separated",
+        help="comma-separated fractions of the prompt (0.25 or 25%%) and/or slots per layer (1024)",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0, help="window and case seed")
@@ -158,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except KVSlimError as err:
             p.error(f"--methods {spec}: {err}")
     try:
-        args.budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+        args.budgets = parse_budgets(args.budgets, "--budgets")
         args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
         args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
     except ValueError as err:
@@ -167,17 +161,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer and not args.write_cases and not Path(args.peer).is_file():
         p.error(f"--peer {args.peer}: no such file")
     return args
-
-
-def parse_budget(text: str) -> int | float:
-    """``"1024"`` → 1024 slots; ``"0.25"`` → a quarter of the prompt."""
-    try:
-        return int(text)
-    except ValueError:
-        frac = float(text)
-    if not 0 < frac <= 1:
-        raise ValueError(f"a fractional budget lies in (0, 1], got {text}")
-    return frac
 
 
 def budget_label(budget: Budget) -> str:
@@ -201,19 +184,6 @@ def budget_order(label: str) -> tuple[int, float]:
 # --- results file ---
 
 
-def load_results(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"cells": {}, "runs": []}
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a kill mid-write never loses the finished cells
-
-
 def cell_task(cell: dict) -> str:
     # Cells written before the needle and retrieval tasks existed are perplexity cells.
     return cell.get("task", "perplexity")
@@ -225,11 +195,6 @@ def cell_budget(cell: dict) -> str:
         return cell["budget"]
     frac, slots = cell["budget_frac"], cell["budget_slots"]
     return budget_label(frac if frac is not None else slots)
-
-
-def digest(ids: list[int] | torch.Tensor) -> str:
-    data = torch.as_tensor(ids, dtype=torch.long).numpy().tobytes()
-    return hashlib.sha1(data).hexdigest()[:16]
 
 
 def stamp(record: dict, model, args: argparse.Namespace) -> dict:
@@ -301,7 +266,7 @@ def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
 
 def run_perplexity(hf, tokenizer, args: argparse.Namespace, results: dict, path: Path) -> None:
     windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
-    digests = [digest(w[0]) for w in windows]
+    digests = [token_digest(w[0].tolist()) for w in windows]
     for method, budget in cells_to_run(args):
         slots = budget if not isinstance(budget, float) else round(budget * args.context)
         keys = [cell_key(method, slots, args, i) for i in range(args.windows)]
@@ -453,7 +418,7 @@ def run_cases(hf, tokenizer, task: str, args: argparse.Namespace, results: dict,
     cases = CASE_BUILDERS[task](
         tokenizer, args.lengths, args.depths, samples=args.samples, seed=args.seed
     )
-    digests = {case.id: digest(case.prompt) for case in cases}
+    digests = {case.id: token_digest(case.prompt) for case in cases}
     for method, budget in cells_to_run(args):
         keys = {case.id: case_key(task, method, budget, case, args) for case in cases}
         todo = [
@@ -953,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     json_path = out.with_suffix(".json")
-    results = load_results(json_path)
+    results = load_results(json_path, {"cells": {}, "runs": []})
     results["runs"].append(
         {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

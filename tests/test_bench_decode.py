@@ -18,15 +18,16 @@ sys.modules["bench_decode"] = decode  # dataclasses look their module up while i
 _spec.loader.exec_module(decode)
 
 
-def test_budgets_are_slots_or_fractions():
-    assert decode.parse_budget("2048") == 2048
-    assert isinstance(decode.parse_budget("2048"), int)
-    assert decode.parse_budget("0.25") == 0.25
-    assert decode.parse_budget("25%") == 0.25
-    assert decode.parse_budget("1.0") == 1.0  # a fraction: the whole context
+def test_budgets_are_slots_or_fractions_labelled_as_percentages():
+    args = decode.parse_args(["--budgets", "2048,0.25,25%,1.0", "--methods", "streaming"])
+    assert [r.budget for r in args.row_list[5:]] == [2048, 0.25, 0.25, 1.0]
+    assert [r.name for r in args.row_list[5:7]] == [
+        "streaming-2048-compile",
+        "streaming-25%-compile",
+    ]
     for bad in ("0", "1.5", "150%"):
-        with pytest.raises(ValueError):
-            decode.parse_budget(bad)
+        with pytest.raises(SystemExit):
+            decode.parse_args(["--budgets", bad])
     assert decode.budget_label(2048) == "2048"
     assert decode.budget_label(0.25) == "25%"
 

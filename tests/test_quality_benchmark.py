@@ -63,7 +63,7 @@ def old_format_cell(quality) -> tuple[str, dict]:
         "budget_frac": 0.5,
         "budget_slots": 30,
         "window": 0,
-        "window_sha1": quality.digest(window[0]),
+        "window_sha1": quality.token_digest(window[0].tolist()),
         "settings": settings | {"chunk_size": 512, "options": {"budget": 30, "sink": 4}},
         "threads": 1,
     }
