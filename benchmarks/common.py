@@ -1,4 +1,4 @@
-"""What every benchmark shares: its results file, progress lines and K/V accounting.
+"""What every benchmark shares: its results file, progress lines, tables and K/V accounting.
 
 A benchmark saves its results after every finished cell, atomically, so a kill loses at most
 the cell in flight and a rerun skips what is done::
@@ -6,7 +6,8 @@ the cell in flight and a rerun skips what is done::
     results = load_results(path, {"cells": {}, "runs": []})
     results["cells"][key] = record
     save_results(path, results)
-    log(f"{key}: done")     # [12:34:56] ... on stderr
+    log(f"{key}: done")                          # [12:34:56] ... on stderr
+    print(markdown_table(frame, align="lrr"))    # frame: one column per table column
 
 ``token_digest`` and ``full_kv_bytes`` are the rules two benchmarks must apply alike to be
 compared: the token ids both sides ran, and the size of an uncompressed cache.
@@ -27,7 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+
+ALIGN = {"l": "left", "r": "right"}
 
 
 def log(msg: str) -> None:
@@ -48,6 +52,21 @@ def save_results(path: Path, results: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous, whole file
+
+
+def markdown_table(frame: pd.DataFrame, align: str) -> str:
+    """``frame`` as a markdown table under its column names, without the index.
+
+    ``align`` has a letter per column, ``l`` or ``r``. Cells are printed as they are, so
+    format numbers first: text that looks like a number is not parsed and reformatted.
+    """
+    colalign = [ALIGN[a] for a in align]
+    return frame.to_markdown(index=False, colalign=colalign, disable_numparse=True)
+
+
+def formatted(values: pd.Series, pattern: str, missing: str = "") -> pd.Series:
+    """``values`` as text by the ``str.format`` ``pattern``, ``missing`` where one is absent."""
+    return values.map(lambda v: missing if pd.isna(v) else pattern.format(v))
 
 
 def token_digest(ids: Sequence[int]) -> str:

@@ -78,8 +78,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
-from common import full_kv_bytes, log, save_results
+from common import formatted, full_kv_bytes, log, markdown_table, save_results
 
 from kvslim_fx.budget import parse_budgets
 
@@ -711,33 +712,32 @@ def add_roofline(cells: list[dict], bandwidth_gbs: float) -> None:
             c |= roofline(c["weight_bytes"], c["kv_read_bytes"], bandwidth_gbs, c["step_median_s"])
 
 
-def _num(value: float | None, fmt: str, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{fmt}}{suffix}"
-
-
 def table(cells: list[dict]) -> str:
-    lines = [
-        "| row | context | batch | prefill s | decode tok/s | ms/step | × HF eager | × HF static "
-        "| peak mem MiB | cache MiB | % of full | floor ms | roofline | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in cells:
-        head = f"| {c['row']} | {c['context']} | {c['batch']} "
-        if c["status"] != "ok":
-            reason = c.get("error") or c.get("reason", "")
-            reason = reason if len(reason) <= 120 else reason[:119] + "…"
-            lines.append(head + "| – " * 10 + f"| {c['status']}: {reason.replace('|', '/')} |")
-            continue
-        note = f"{c['recompiles']} recompiles in timed run" if c.get("recompiles") else ""
-        lines.append(
-            head
-            + f"| {c['prefill_s']:.3f} | {c['tokens_per_s']:.1f} | {c['step_median_s'] * 1e3:.2f} "
-            + f"| {_num(c['vs_hf_eager'], '.2f', '×')} | {_num(c['vs_hf_static'], '.2f', '×')} "
-            + f"| {c['peak_mem_bytes'] / 2**20:.1f} | {c['cache_bytes'] / 2**20:.2f} "
-            + f"| {100 * c['cache_bytes'] / c['full_cache_bytes']:.1f}% "
-            + f"| {c['floor_s'] * 1e3:.2f} | {_num(c['roofline'], '.0%')} | {note} |"
-        )
-    return "\n".join(lines)
+    """A markdown row per cell; ``–`` for a number a cell lacks (a failed one lacks them all)."""
+    fields = ["row", "context", "batch", "status", "error", "reason", "recompiles", "prefill_s"]
+    fields += ["tokens_per_s", "step_median_s", "vs_hf_eager", "vs_hf_static", "peak_mem_bytes"]
+    fields += ["cache_bytes", "full_cache_bytes", "floor_s", "roofline"]
+    c = pd.DataFrame(cells).reindex(columns=fields)
+    why = c.error.fillna(c.reason).fillna("").str.replace("|", "/")  # a | would open a column
+    why = why.where(why.str.len() <= 120, why.str[:119] + "…")
+    recompiled = c.recompiles.map(lambda n: f"{n:.0f} recompiles in timed run" if n else "")
+    columns = {
+        "row": c.row,
+        "context": c.context,
+        "batch": c.batch,
+        "prefill s": formatted(c.prefill_s, "{:.3f}", "–"),
+        "decode tok/s": formatted(c.tokens_per_s, "{:.1f}", "–"),
+        "ms/step": formatted(c.step_median_s * 1e3, "{:.2f}", "–"),
+        "× HF eager": formatted(c.vs_hf_eager, "{:.2f}×", "–"),
+        "× HF static": formatted(c.vs_hf_static, "{:.2f}×", "–"),
+        "peak mem MiB": formatted(c.peak_mem_bytes / 2**20, "{:.1f}", "–"),
+        "cache MiB": formatted(c.cache_bytes / 2**20, "{:.2f}", "–"),
+        "% of full": formatted(100 * c.cache_bytes / c.full_cache_bytes, "{:.1f}%", "–"),
+        "floor ms": formatted(c.floor_s * 1e3, "{:.2f}", "–"),
+        "roofline": formatted(c.roofline, "{:.0%}", "–"),
+        "note": recompiled.where(c.status.eq("ok"), c.status + ": " + why),
+    }
+    return markdown_table(pd.DataFrame(columns), align="l" + "r" * 12 + "l")
 
 
 def plot(cells: list[dict], path: Path, title: str) -> bool:

@@ -73,8 +73,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
-from common import full_kv_bytes, load_results, log, save_results, token_digest
+from common import (
+    full_kv_bytes,
+    load_results,
+    log,
+    markdown_table,
+    save_results,
+    token_digest,
+)
 
 from kvslim_fx.budget import parse_budgets
 from kvslim_fx.errors import KVSlimError
@@ -195,48 +203,56 @@ def answer_tokens(answer: str, max_new_tokens: int | None) -> int:
     return max_new_tokens if max_new_tokens is not None else len(answer) + 3
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (press, budget, task): mean perplexity over items, or accuracy."""
-    groups: dict[tuple[str, float, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["press"], r["budget_fraction"], r["task"]), []).append(r)
-    order = {name: i for i, name in enumerate(PRESSES)}
-    out = []
-    for (press, budget, task), rs in sorted(
-        groups.items(), key=lambda kv: (TASKS.index(kv[0][2]), order.get(kv[0][0], 99), kv[0][1])
-    ):
-        line = {
-            "press": press,
-            "budget_fraction": budget,
-            "task": task,
-            "items": len(rs),
-            "cache_bytes": statistics.fmean(r["cache_bytes"] for r in rs),
-            "full_cache_bytes": statistics.fmean(r["full_cache_bytes"] for r in rs),
-            "seconds": statistics.fmean(r["prefill_s"] + r["decode_s"] for r in rs),
-        }
-        if task == "perplexity":
-            line["perplexity"] = statistics.fmean(math.exp(statistics.fmean(r["nll"])) for r in rs)
-        else:
-            line["accuracy"] = statistics.fmean(float(r["correct"]) for r in rs)
-        out.append(line)
-    return out
-
-
-def table(lines: list[dict]) -> str:
-    md = [
-        "| press | budget | task | items | cache kept | % of full | perplexity / accuracy "
-        "| s / item |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for s in lines:
-        pct = 100 * s["cache_bytes"] / s["full_cache_bytes"]
-        score = f"{s['perplexity']:.3f}" if "perplexity" in s else f"{100 * s['accuracy']:.0f}%"
-        md.append(
-            f"| {s['press']} | {s['budget_fraction']:g} | {s['task']} | {s['items']} "
-            f"| {s['cache_bytes'] / 2**20:.2f} MiB | {pct:.1f}% "
-            f"| {score} | {s['seconds']:.1f} |"
+def summarize(rows: list[dict]) -> pd.DataFrame:
+    """One line per (task, press, budget_fraction), in that order: the items' mean perplexity
+    (``exp`` of each item's mean NLL) or accuracy, cache bytes and seconds."""
+    keys = ["task", "press", "budget_fraction"]
+    inputs = [*keys, "nll", "correct", "cache_bytes", "full_cache_bytes", "prefill_s", "decode_s"]
+    frame = pd.DataFrame(rows).reindex(columns=inputs)  # a task absent: its column all NaN
+    frame = frame.assign(
+        seconds=frame.prefill_s + frame.decode_s,
+        perplexity=frame.nll.map(lambda nll: math.exp(statistics.fmean(nll)), na_action="ignore"),
+        accuracy=frame.correct.astype(float),
+    )
+    frame = frame.sort_values(keys, key=_rank, kind="stable")
+    return (
+        frame.groupby(keys, sort=False)
+        .agg(
+            items=("task", "size"),
+            cache_bytes=("cache_bytes", "mean"),
+            full_cache_bytes=("full_cache_bytes", "mean"),
+            seconds=("seconds", "mean"),
+            perplexity=("perplexity", "mean"),
+            accuracy=("accuracy", "mean"),
         )
-    return "\n".join(md)
+        .reset_index()
+    )
+
+
+def _rank(column: pd.Series) -> pd.Series:
+    """Sort keys: tasks and presses in their declared order (unknown presses last)."""
+    order = {"task": TASKS, "press": PRESSES}.get(str(column.name))
+    if order is None:
+        return column
+    return column.map(lambda v: order.index(v) if v in order else len(order))
+
+
+def table(summary: pd.DataFrame) -> str:
+    """:func:`summarize`'s lines as markdown."""
+    accuracy = (100 * summary.accuracy).map("{:.0f}%".format)
+    columns = {
+        "press": summary.press,
+        "budget": summary.budget_fraction.map("{:g}".format),
+        "task": summary.task,
+        "items": summary["items"],
+        "cache kept": (summary.cache_bytes / 2**20).map("{:.2f} MiB".format),
+        "% of full": (100 * summary.cache_bytes / summary.full_cache_bytes).map("{:.1f}%".format),
+        "perplexity / accuracy": summary.perplexity.map("{:.3f}".format).where(
+            summary.perplexity.notna(), accuracy
+        ),
+        "s / item": summary.seconds.map("{:.1f}".format),
+    }
+    return markdown_table(pd.DataFrame(columns), align="lrlrrrrr")
 
 
 # ---------------------------------------------------------------------------------------------

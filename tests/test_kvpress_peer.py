@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_model
+from helpers import hf_model, table_rows
 from tiny_models import EOS_TOKEN_ID, VOCAB_SIZE
 
 from kvslim_fx.errors import KVSlimError
@@ -121,15 +121,20 @@ def test_summary_and_table():
         base | {"press": "none", "budget_fraction": 1.0, "task": "perplexity", "nll": [1.0]},
     ]
     lines = peer.summarize(rows)
-    assert [(s["press"], s["task"]) for s in lines] == [
+    assert list(zip(lines.press, lines.task, strict=True)) == [
         ("none", "perplexity"),
         ("tova", "perplexity"),
         ("tova", "needle"),
     ]
-    assert lines[1]["perplexity"] == pytest.approx(math.e)
-    assert lines[2]["accuracy"] == 0.5
-    text = peer.table(lines)
-    assert "| tova | 0.25 | needle | 2 | 1.00 MiB | 25.0% | 50% | 2.0 |" in text
+    assert lines.perplexity[1] == pytest.approx(math.e)
+    assert lines.accuracy[2] == 0.5 and list(lines["items"]) == [1, 1, 2]
+    assert table_rows(peer.table(lines)) == [
+        ["press", "budget", "task", "items", "cache kept", "% of full", "perplexity / accuracy",
+         "s / item"],
+        ["none", "1", "perplexity", "1", "1.00 MiB", "25.0%", "2.718", "2.0"],
+        ["tova", "0.25", "perplexity", "1", "1.00 MiB", "25.0%", "2.718", "2.0"],
+        ["tova", "0.25", "needle", "2", "1.00 MiB", "25.0%", "50%", "2.0"],
+    ]  # fmt: skip
 
 
 def test_no_press_reproduces_the_plain_model():
