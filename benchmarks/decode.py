@@ -78,14 +78,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from common import formatted, full_kv_bytes, log, markdown_table, save_results
+
+from kvslim_fx.budget import parse_budgets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_METHODS = "streaming,kvslimmer,weightedkv,h2o,tova,snapkv"
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------- rows
@@ -107,17 +107,6 @@ class Row:
         if isinstance(self.budget, float):
             return max(1, round(self.budget * context))
         return self.budget
-
-
-def parse_budget(text: str) -> int | float:
-    """``"2048"`` → 2048 slots; ``"0.25"`` or ``"25%"`` → the fraction 0.25 of the context."""
-    text = text.strip()
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if "." in text or text.endswith("%") or value < 1:
-        if not 0 < value <= 1:
-            raise ValueError(f"a fractional budget must be in (0, 1], got {text!r}")
-        return value
-    return int(value)
 
 
 def budget_label(budget: int | float) -> str:
@@ -346,7 +335,7 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device, lengt
     else:
         from transformers import AutoModelForCausalLM
 
-        from kvslim_fx.models import resolve_model
+        from kvslim_fx.eval.default_model import resolve_model
 
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model(spec), dtype=dtype, attn_implementation="sdpa", local_files_only=True
@@ -355,14 +344,6 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device, lengt
     if getattr(config, "max_position_embeddings", length) < length:
         config.max_position_embeddings = length
     return model.to(device=device, dtype=dtype)
-
-
-def full_kv_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of an uncompressed K/V cache of ``tokens`` tokens (HF's dynamic cache)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch * heads * head_dim * tokens * elem
 
 
 # ---------------------------------------------------------------------------------- decoders
@@ -592,7 +573,7 @@ def run_cell(hf: Any, row: Row, context: int, batch: int, args) -> dict:
             "process_peak_bytes": process_peak,
             "held_bytes": held,
             "cache_bytes": dec.cache_bytes(),
-            "full_cache_bytes": full_kv_bytes(hf.config, batch, max_length, hf.dtype),
+            "full_cache_bytes": full_kv_bytes(hf.config, max_length, hf.dtype, batch),
             "weight_bytes": weights_read_bytes(hf),
             "kv_read_bytes": kv,
             "build_s": build_s,
@@ -731,33 +712,32 @@ def add_roofline(cells: list[dict], bandwidth_gbs: float) -> None:
             c |= roofline(c["weight_bytes"], c["kv_read_bytes"], bandwidth_gbs, c["step_median_s"])
 
 
-def _num(value: float | None, fmt: str, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{fmt}}{suffix}"
-
-
 def table(cells: list[dict]) -> str:
-    lines = [
-        "| row | context | batch | prefill s | decode tok/s | ms/step | × HF eager | × HF static "
-        "| peak mem MiB | cache MiB | % of full | floor ms | roofline | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in cells:
-        head = f"| {c['row']} | {c['context']} | {c['batch']} "
-        if c["status"] != "ok":
-            reason = c.get("error") or c.get("reason", "")
-            reason = reason if len(reason) <= 120 else reason[:119] + "…"
-            lines.append(head + "| – " * 10 + f"| {c['status']}: {reason.replace('|', '/')} |")
-            continue
-        note = f"{c['recompiles']} recompiles in timed run" if c.get("recompiles") else ""
-        lines.append(
-            head
-            + f"| {c['prefill_s']:.3f} | {c['tokens_per_s']:.1f} | {c['step_median_s'] * 1e3:.2f} "
-            + f"| {_num(c['vs_hf_eager'], '.2f', '×')} | {_num(c['vs_hf_static'], '.2f', '×')} "
-            + f"| {c['peak_mem_bytes'] / 2**20:.1f} | {c['cache_bytes'] / 2**20:.2f} "
-            + f"| {100 * c['cache_bytes'] / c['full_cache_bytes']:.1f}% "
-            + f"| {c['floor_s'] * 1e3:.2f} | {_num(c['roofline'], '.0%')} | {note} |"
-        )
-    return "\n".join(lines)
+    """A markdown row per cell; ``–`` for a number a cell lacks (a failed one lacks them all)."""
+    fields = ["row", "context", "batch", "status", "error", "reason", "recompiles", "prefill_s"]
+    fields += ["tokens_per_s", "step_median_s", "vs_hf_eager", "vs_hf_static", "peak_mem_bytes"]
+    fields += ["cache_bytes", "full_cache_bytes", "floor_s", "roofline"]
+    c = pd.DataFrame(cells).reindex(columns=fields)
+    why = c.error.fillna(c.reason).fillna("").str.replace("|", "/")  # a | would open a column
+    why = why.where(why.str.len() <= 120, why.str[:119] + "…")
+    recompiled = c.recompiles.map(lambda n: f"{n:.0f} recompiles in timed run" if n else "")
+    columns = {
+        "row": c.row,
+        "context": c.context,
+        "batch": c.batch,
+        "prefill s": formatted(c.prefill_s, "{:.3f}", "–"),
+        "decode tok/s": formatted(c.tokens_per_s, "{:.1f}", "–"),
+        "ms/step": formatted(c.step_median_s * 1e3, "{:.2f}", "–"),
+        "× HF eager": formatted(c.vs_hf_eager, "{:.2f}×", "–"),
+        "× HF static": formatted(c.vs_hf_static, "{:.2f}×", "–"),
+        "peak mem MiB": formatted(c.peak_mem_bytes / 2**20, "{:.1f}", "–"),
+        "cache MiB": formatted(c.cache_bytes / 2**20, "{:.2f}", "–"),
+        "% of full": formatted(100 * c.cache_bytes / c.full_cache_bytes, "{:.1f}%", "–"),
+        "floor ms": formatted(c.floor_s * 1e3, "{:.2f}", "–"),
+        "roofline": formatted(c.roofline, "{:.0%}", "–"),
+        "note": recompiled.where(c.status.eq("ok"), c.status + ": " + why),
+    }
+    return markdown_table(pd.DataFrame(columns), align="l" + "r" * 12 + "l")
 
 
 def plot(cells: list[dict], path: Path, title: str) -> bool:
@@ -935,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.context_list = [int(x) for x in args.contexts.split(",") if x.strip()]
         args.batch_list = [int(x) for x in args.batch.split(",") if x.strip()]
-        budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = parse_budgets(args.budgets, "--budgets")
         modes = [m.strip() for m in args.method_modes.split(",") if m.strip()]
         if set(modes) - {"eager", "compile", "aoti"}:
             raise ValueError(f"--method-modes takes eager, compile, aoti; got {modes}")
@@ -955,12 +935,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def save_json(path: Path, results: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous version
-
-
 def _terminate(signum: int, frame: Any) -> None:
     # SIGTERM (a time-out) unwinds like Ctrl-C, so subprocess.run kills the running worker.
     raise KeyboardInterrupt(f"signal {signum}")
@@ -974,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_torch(args)
     device = torch.device(args.device)
     if args.model != "tiny":
-        from kvslim_fx.models import resolve_model
+        from kvslim_fx.eval.default_model import resolve_model
 
         args.model = str(resolve_model(args.model))  # converts the default model once, here
 
@@ -1039,11 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     log(f"{row.name} context={context} batch={batch}: {result['error']}")
                 # Saved after every cell: a run killed at a time limit keeps what it measured.
-                save_json(out.with_suffix(".json"), results)
+                save_results(out.with_suffix(".json"), results)
 
     add_ratios(cells)
     add_roofline(cells, bandwidth)
-    save_json(out.with_suffix(".json"), results)
+    save_results(out.with_suffix(".json"), results)
     text = table(cells)
     print(text)
     model_name = "tiny random Llama" if args.model == "tiny" else Path(args.model).name

@@ -101,7 +101,7 @@ if compgen -G ".gpu/smollm2.gguf.part-*" >/dev/null; then
     export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH} KVSLIM_FX_CACHE=$PWD/.gpu/cache
 fi
 MODEL_ARGS=()
-if ! "$PY" -c 'from kvslim_fx.models import resolve_model; resolve_model(None)' >&2; then
+if ! "$PY" -c 'from kvslim_fx.eval.default_model import resolve_model; resolve_model(None)' >&2; then
     say "the default model is not available here: benchmarking the tiny random model instead"
     MODEL_ARGS=(--model tiny)
 fi

@@ -1,16 +1,16 @@
 """NVIDIA kvpress as a peer: its presses on the same model and the same prompts as kvslim_fx.
 
 kvpress==0.5.5 needs transformers<5.3, so this script runs in its own environment, built by
-``scripts/setup-kvpress``. It reads a tasks file written by the main harness (token ids, so both
-sides see the same prompts token for token) and writes one JSON row per (press, budget, task,
-item); finished rows are kept and skipped on a rerun, so an interrupted run resumes. Two steps,
-one per venv; benchmarks/quality.py then merges the rows into its tables and plot (it reads
-``kvpress.json`` beside its output, matching rows to its windows and cases by id and token
-digest)::
+``scripts/setup-kvpress``, which installs this checkout there too (without its dependencies), so
+that budgets are parsed and answers scored by kvslim_fx's own code. It reads a tasks file
+written by the main harness (token ids, so both sides see the same prompts token for token) and
+writes one JSON row per (press, budget, task, item); finished rows are kept and skipped on a
+rerun, so an interrupted run resumes. Two steps, one per venv: benchmarks/quality.py writes the
+tasks file, this script scores it; quality.py then merges the rows into its tables and plot (it
+reads ``kvpress.json`` beside its output, matching rows to its windows and cases by id and token
+digest). quality.py's docstring has every command, from ``scripts/setup-kvpress`` to the merging
+rerun; this script's step::
 
-    scripts/setup-kvpress
-    .venv/bin/python benchmarks/quality.py --tasks perplexity,needle,retrieval \\
-        --write-cases benchmarks/results/kvpress_tasks.json
     .venv-kvpress/bin/python benchmarks/kvpress_peer.py \\
         --tasks benchmarks/results/kvpress_tasks.json \\
         --presses none,streaming,snapkv,tova,knorm,expected_attention,merging_tova,\\
@@ -19,15 +19,16 @@ merging_expected_attention,cam \\
 
 ``quality.py --write-cases`` takes the same settings as its sweep (``--context``,
 ``--continuation``, ``--windows``, ``--lengths``, ``--depths``, ``--samples``, ``--seed``) and
-writes exactly the windows and cases the sweep scores (``kvslim_fx.case_export.write_cases``;
+writes exactly the windows and cases the sweep scores (``kvslim_fx.eval.case_file.write_cases``;
 ``kvslim-fx eval --export-cases`` writes the same schema). Add ``--task perplexity`` etc. to
 split the peer run; rerunning skips the finished rows. The 8k perplexity windows take about
 1-2 min a row on 1 thread.
 
 Tasks file: ``{"model": str, "perplexity": [{"id", "context": [ids], "continuation": [ids]}],
 "needle": [{"id", "length", "depth", "prompt": [ids], "answer": str}], "retrieval": [same]}``;
-any list may be missing or empty. Each row records ``tokens_sha1``, the digest of the ids that
-benchmarks/quality.py records as ``window_sha1`` / ``prompt_sha1``, and the ``dtype``.
+any list may be missing or empty. Each row records ``tokens_sha1``, the ``common.token_digest``
+of the ids, which benchmarks/quality.py records as ``window_sha1`` / ``prompt_sha1``, and the
+``dtype``.
 
 How kvpress compresses, and so what the numbers mean:
 
@@ -38,7 +39,7 @@ How kvpress compresses, and so what the numbers mean:
   is then teacher-forced one token at a time through the compressed cache with no press, and
   the cache grows by one slot per token (kvpress does not compress during decoding). Token
   ``C + j`` is predicted by the logit of token ``C + j - 1``, the first one by the last prefill
-  logit, as ``kvslim_fx.evaluate.continuation_nll``; decode steps pass the true position ids
+  logit, as ``kvslim_fx.eval.perplexity.continuation_nll``; decode steps pass the true position ids
   (the cache is shorter than the text), as kvpress's pipeline does.
 * ``cam`` (CaM) is kvpress's decoding press: the prefill keeps everything, then every decode step
   merges the evicted values into their kept neighbours to hold ``round(budget * prompt)`` slots.
@@ -59,15 +60,12 @@ fraction of the prompt kept: ``compression_ratio = 1 - budget``.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
-import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -75,7 +73,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from common import (
+    full_kv_bytes,
+    load_results,
+    log,
+    markdown_table,
+    save_results,
+    token_digest,
+)
+
+from kvslim_fx.budget import parse_budgets
+from kvslim_fx.errors import KVSlimError
+from kvslim_fx.eval.answers import exact_match
+from kvslim_fx.eval.default_model import default_model_dir
 
 TASKS = ("perplexity", "needle", "retrieval")
 # Our name -> kvpress ScorerPress class name; each is used with kvpress's own defaults.
@@ -89,6 +101,7 @@ SCORERS = {
 MERGING = "merging_"
 DECODING = ("cam",)
 NONE = "none"
+PRESSES = (NONE, *SCORERS, *(MERGING + s for s in SCORERS), *DECODING)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CAM_BASE = "tova"  # CaM scores by attention; TOVA is kvpress's last-query attention scorer
 COMPRESSION_NOTE = (
@@ -100,10 +113,6 @@ COMPRESSION_NOTE = (
 )
 
 
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure python: names, tasks, rows (tested without kvpress).
 
@@ -111,17 +120,21 @@ def log(msg: str) -> None:
 def parse_presses(text: str) -> list[str]:
     """Comma-separated press names, validated (no kvpress import needed)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    known = {NONE, *SCORERS, *(MERGING + s for s in SCORERS), *DECODING}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in PRESSES]
     if unknown:
-        raise ValueError(f"unknown presses {unknown}; known: {sorted(known)}")
+        raise ValueError(f"unknown presses {unknown}; known: {sorted(PRESSES)}")
     return list(dict.fromkeys(names))
 
 
-def parse_budgets(text: str) -> list[float]:
-    budgets = [float(b) for b in text.split(",") if b.strip()]
-    if not budgets or any(not 0 < b < 1 for b in budgets):
-        raise ValueError(f"budgets are fractions of the prompt in (0, 1), got {text!r}")
+def parse_fractions(text: str) -> list[float]:
+    """``--budgets``: kvslim_fx's budgets, but only fractions below 1 (kvpress compresses by
+    ``compression_ratio = 1 - budget``, so it takes no slot counts, and 1 is ``none``)."""
+    budgets = parse_budgets(text, "--budgets")
+    if not all(isinstance(b, float) and b < 1 for b in budgets):
+        raise KVSlimError(
+            f"--budgets are fractions of the prompt below 1 for kvpress (e.g. 0.25 or 25%), "
+            f"got {text!r}; the uncompressed reference is the press `none`"
+        )
     return budgets
 
 
@@ -173,19 +186,11 @@ def tokens_digest(task: str, item: dict) -> str:
     """benchmarks/quality.py's ``digest`` of the same ids (the whole window, or the prompt): how
     it matches these rows to its own windows and cases, token for token."""
     ids = item["context"] + item["continuation"] if task == "perplexity" else item["prompt"]
-    # int64 in native byte order, as quality.py's torch.long tensor bytes.
-    return hashlib.sha1(array.array("q", ids).tobytes()).hexdigest()[:16]
+    return token_digest(ids)
 
 
 def row_key(press: str, budget: float, task: str, item_id: str, digest: str, dtype: str) -> str:
     return f"{press}|budget={budget:g}|{task}|{item_id}|{digest}|{dtype}"
-
-
-def exact_match(output: str, answer: str) -> bool:
-    """The main harness's metric (kvslim_fx.retrieval.exact_match): the *first* number in
-    ``output`` is exactly ``answer``, so listing several numbers or a longer number is wrong."""
-    first = re.search(r"\d+", output)
-    return first is not None and first.group() == answer
 
 
 def contains_answer(output: str, answer: str) -> bool:
@@ -198,64 +203,56 @@ def answer_tokens(answer: str, max_new_tokens: int | None) -> int:
     return max_new_tokens if max_new_tokens is not None else len(answer) + 3
 
 
-def load_results(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"meta": {}, "runs": [], "rows": []}
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a kill mid-write never loses finished rows
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (press, budget, task): mean perplexity over items, or accuracy."""
-    groups: dict[tuple[str, float, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["press"], r["budget_fraction"], r["task"]), []).append(r)
-    order = {
-        name: i
-        for i, name in enumerate([NONE, *SCORERS, *(MERGING + s for s in SCORERS), *DECODING])
-    }
-    out = []
-    for (press, budget, task), rs in sorted(
-        groups.items(), key=lambda kv: (TASKS.index(kv[0][2]), order.get(kv[0][0], 99), kv[0][1])
-    ):
-        line = {
-            "press": press,
-            "budget_fraction": budget,
-            "task": task,
-            "items": len(rs),
-            "cache_bytes": statistics.fmean(r["cache_bytes"] for r in rs),
-            "full_cache_bytes": statistics.fmean(r["full_cache_bytes"] for r in rs),
-            "seconds": statistics.fmean(r["prefill_s"] + r["decode_s"] for r in rs),
-        }
-        if task == "perplexity":
-            line["perplexity"] = statistics.fmean(math.exp(statistics.fmean(r["nll"])) for r in rs)
-        else:
-            line["accuracy"] = statistics.fmean(float(r["correct"]) for r in rs)
-        out.append(line)
-    return out
-
-
-def table(lines: list[dict]) -> str:
-    md = [
-        "| press | budget | task | items | cache kept | % of full | perplexity / accuracy "
-        "| s / item |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for s in lines:
-        pct = 100 * s["cache_bytes"] / s["full_cache_bytes"]
-        score = f"{s['perplexity']:.3f}" if "perplexity" in s else f"{100 * s['accuracy']:.0f}%"
-        md.append(
-            f"| {s['press']} | {s['budget_fraction']:g} | {s['task']} | {s['items']} "
-            f"| {s['cache_bytes'] / 2**20:.2f} MiB | {pct:.1f}% "
-            f"| {score} | {s['seconds']:.1f} |"
+def summarize(rows: list[dict]) -> pd.DataFrame:
+    """One line per (task, press, budget_fraction), in that order: the items' mean perplexity
+    (``exp`` of each item's mean NLL) or accuracy, cache bytes and seconds."""
+    keys = ["task", "press", "budget_fraction"]
+    inputs = [*keys, "nll", "correct", "cache_bytes", "full_cache_bytes", "prefill_s", "decode_s"]
+    frame = pd.DataFrame(rows).reindex(columns=inputs)  # a task absent: its column all NaN
+    frame = frame.assign(
+        seconds=frame.prefill_s + frame.decode_s,
+        perplexity=frame.nll.map(lambda nll: math.exp(statistics.fmean(nll)), na_action="ignore"),
+        accuracy=frame.correct.astype(float),
+    )
+    frame = frame.sort_values(keys, key=_rank, kind="stable")
+    return (
+        frame.groupby(keys, sort=False)
+        .agg(
+            items=("task", "size"),
+            cache_bytes=("cache_bytes", "mean"),
+            full_cache_bytes=("full_cache_bytes", "mean"),
+            seconds=("seconds", "mean"),
+            perplexity=("perplexity", "mean"),
+            accuracy=("accuracy", "mean"),
         )
-    return "\n".join(md)
+        .reset_index()
+    )
+
+
+def _rank(column: pd.Series) -> pd.Series:
+    """Sort keys: tasks and presses in their declared order (unknown presses last)."""
+    order = {"task": TASKS, "press": PRESSES}.get(str(column.name))
+    if order is None:
+        return column
+    return column.map(lambda v: order.index(v) if v in order else len(order))
+
+
+def table(summary: pd.DataFrame) -> str:
+    """:func:`summarize`'s lines as markdown."""
+    accuracy = (100 * summary.accuracy).map("{:.0f}%".format)
+    columns = {
+        "press": summary.press,
+        "budget": summary.budget_fraction.map("{:g}".format),
+        "task": summary.task,
+        "items": summary["items"],
+        "cache kept": (summary.cache_bytes / 2**20).map("{:.2f} MiB".format),
+        "% of full": (100 * summary.cache_bytes / summary.full_cache_bytes).map("{:.1f}%".format),
+        "perplexity / accuracy": summary.perplexity.map("{:.3f}".format).where(
+            summary.perplexity.notna(), accuracy
+        ),
+        "s / item": summary.seconds.map("{:.1f}".format),
+    }
+    return markdown_table(pd.DataFrame(columns), align="lrlrrrrr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +276,6 @@ def cache_bytes(cache: Any) -> tuple[int, int]:
         if i == 0:
             slots = keys.shape[-2]
     return total, slots
-
-
-def full_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
-    """What an uncompressed cache of ``tokens`` holds: K and V, every layer and KV head."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-    return per_token * tokens * torch.empty((), dtype=dtype).element_size()
 
 
 def _info(start: float, prefill_s: float, kept: tuple[int, int], cache: Any) -> dict:
@@ -475,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     out = Path(args.out)
-    results = load_results(out)
+    results = load_results(out, {"meta": {}, "runs": [], "rows": []})
     results["meta"] = metadata(args, model)
     results["runs"].append(results["meta"])
     done = {r["key"] for r in results["rows"]}
@@ -539,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
                 decoding = decode_press is not None
                 row["cache_bytes"] = info["cache_bytes_end" if decoding else "cache_bytes_prefill"]
                 row["cache_slots"] = info["cache_slots_end" if decoding else "cache_slots_prefill"]
-                row["full_cache_bytes"] = full_cache_bytes(model.config, full_tokens, dtype)
+                row["full_cache_bytes"] = full_kv_bytes(model.config, full_tokens, dtype)
                 row["threads"] = torch.get_num_threads()
                 row["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
                 results["rows"].append(row)
@@ -557,12 +547,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_model() -> Path:
-    root = os.environ.get("KVSLIM_FX_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "kvslim_fx"
-    return base / "models" / "smollm2-135m-instruct"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -571,10 +555,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="tasks JSON from the main harness (benchmarks/quality.py --write-cases)",
     )
-    p.add_argument("--model", type=Path, default=default_model(), help="HF checkpoint folder")
+    p.add_argument("--model", type=Path, default=default_model_dir(), help="HF checkpoint folder")
     p.add_argument("--presses", default="none,streaming,snapkv,tova,knorm,expected_attention")
     p.add_argument(
-        "--budgets", default="0.25", help="fractions of the prompt kept, comma-separated"
+        "--budgets",
+        default="0.25",
+        help="fractions of the prompt kept (0.25 or 25%%), comma-separated",
     )
     p.add_argument("--task", dest="tasks_only", action="append", choices=TASKS, help="only these")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -587,7 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.presses = parse_presses(args.presses)
-        args.budgets = parse_budgets(args.budgets)
+        args.budgets = parse_fractions(args.budgets)
     except ValueError as e:
         p.error(str(e))
     return args

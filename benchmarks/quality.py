@@ -7,7 +7,7 @@ Three tasks (``--tasks``), every (method, budget) cell computed through the comp
   per-token NLL. ``full`` is the reference (it reproduces the original model; ``--check``
   verifies that against one HF forward pass).
 * ``needle``: a pass key hidden at each of ``--depths`` of ``--lengths``-token prompts
-  (:mod:`kvslim_fx.haystack`), answered greedily; exact match.
+  (:mod:`kvslim_fx.eval.haystack`), answered greedily; exact match.
 * ``retrieval``: four people's secret numbers hidden in the text, one of them asked for.
 
 ::
@@ -37,9 +37,10 @@ merging_expected_attention,cam \\
 Why 8064 + 128 for perplexity: SmolLM2-135M has 8192 positions and the window must fit them, so
 the longest context that leaves a 128-token continuation is 8192 - 128 = 8064.
 
-Budgets: a number with a decimal point is a fraction of the prompt, so every method is compared
-at the same cache size: of the perplexity context (``round(frac * context)`` slots, e.g. 0.25 →
-2016) and of each needle/retrieval prompt; an integer is a fixed number of slots per layer.
+Budgets (``kvslim_fx.budget``): a number with a decimal point, or a percentage, is a fraction of
+the prompt, so every method is compared at the same cache size: of the perplexity context
+(``round(frac * context)`` slots, e.g. 0.25 → 2016) and of each needle/retrieval prompt; an
+integer is a fixed number of slots per layer.
 ``full`` ignores them. Writes ``OUT.json`` (every per-window and per-case number, settings,
 versions), ``OUT.md`` (a table per task, and the command that regenerates them) and ``OUT.png``
 (quality against cache bytes, a panel per task). Finished cells are kept in ``OUT.json`` and
@@ -51,10 +52,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -62,15 +61,18 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
+from common import formatted, load_results, log, markdown_table, save_results, token_digest
 
-from kvslim_fx.case_export import write_cases
+from kvslim_fx.budget import Budget, parse_budgets
 from kvslim_fx.errors import KVSlimError
-from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
-from kvslim_fx.haystack import Case, needle_cases, retrieval_cases
+from kvslim_fx.eval.answers import answer_case, answer_tokens
+from kvslim_fx.eval.case_file import write_cases
+from kvslim_fx.eval.default_model import load_default_model
+from kvslim_fx.eval.haystack import Case, needle_cases, retrieval_cases
+from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity, reference_nll
 from kvslim_fx.methods import METHODS, make_method, parse_spec
-from kvslim_fx.models import load_default_model
-from kvslim_fx.retrieval import answer_case, answer_tokens
 from kvslim_fx.transform import transform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,13 +94,11 @@ PEER_CAVEATS = (
     "uncompressed prompt, in one pass); the continuation or answer is then decoded through the "
     "compressed cache, which grows by one slot per token."
 )
-
-Budget = int | float | None
-"""``None``: keep everything (``full``); an int: slots per layer; a float: a prompt fraction."""
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+# Per-window (perplexity) and per-case records: the columns their table rows are made of.
+MEANS = ("cache_bytes", "cache_bytes_end", "full_cache_bytes", "seconds")
+WINDOW_FIELDS = ["method", "budget", "budget_slots", "budget_frac", "window", "perplexity"]
+WINDOW_FIELDS += [*MEANS, "prefill_s", "decode_s", "merges", "fallbacks", "threads"]
+CASE_FIELDS = ["method", "budget", "length", "correct", *MEANS, "threads"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default="0.125,0.25,0.5",
-        help="fractions of the prompt (0.25) and/or fixed slots per layer (1024), comma-separated",
+        help="comma-separated fractions of the prompt (0.25 or 25%%) and/or slots per layer (1024)",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0, help="window and case seed")
@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except KVSlimError as err:
             p.error(f"--methods {spec}: {err}")
     try:
-        args.budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+        args.budgets = parse_budgets(args.budgets, "--budgets")
         args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
         args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
     except ValueError as err:
@@ -167,17 +167,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer and not args.write_cases and not Path(args.peer).is_file():
         p.error(f"--peer {args.peer}: no such file")
     return args
-
-
-def parse_budget(text: str) -> int | float:
-    """``"1024"`` → 1024 slots; ``"0.25"`` → a quarter of the prompt."""
-    try:
-        return int(text)
-    except ValueError:
-        frac = float(text)
-    if not 0 < frac <= 1:
-        raise ValueError(f"a fractional budget lies in (0, 1], got {text}")
-    return frac
 
 
 def budget_label(budget: Budget) -> str:
@@ -201,19 +190,6 @@ def budget_order(label: str) -> tuple[int, float]:
 # --- results file ---
 
 
-def load_results(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"cells": {}, "runs": []}
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a kill mid-write never loses the finished cells
-
-
 def cell_task(cell: dict) -> str:
     # Cells written before the needle and retrieval tasks existed are perplexity cells.
     return cell.get("task", "perplexity")
@@ -225,11 +201,6 @@ def cell_budget(cell: dict) -> str:
         return cell["budget"]
     frac, slots = cell["budget_frac"], cell["budget_slots"]
     return budget_label(frac if frac is not None else slots)
-
-
-def digest(ids: list[int] | torch.Tensor) -> str:
-    data = torch.as_tensor(ids, dtype=torch.long).numpy().tobytes()
-    return hashlib.sha1(data).hexdigest()[:16]
 
 
 def stamp(record: dict, model, args: argparse.Namespace) -> dict:
@@ -301,7 +272,7 @@ def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
 
 def run_perplexity(hf, tokenizer, args: argparse.Namespace, results: dict, path: Path) -> None:
     windows = austen_windows(tokenizer, args.context, args.continuation, args.windows, args.seed)
-    digests = [digest(w[0]) for w in windows]
+    digests = [token_digest(w[0].tolist()) for w in windows]
     for method, budget in cells_to_run(args):
         slots = budget if not isinstance(budget, float) else round(budget * args.context)
         keys = [cell_key(method, slots, args, i) for i in range(args.windows)]
@@ -356,53 +327,48 @@ def perplexity_cells(results: dict, args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def summarize(results: dict, args: argparse.Namespace) -> list[dict]:
-    """One perplexity row per (method, budget) over the requested windows, in a stable order."""
-    groups: dict[tuple[str, int | None], list[dict]] = {}
-    for cell in perplexity_cells(results, args):
-        groups.setdefault((cell["method"], cell["budget_slots"]), []).append(cell)
-    full = groups.get(("full", None), [])
-    full_by_window = {c["window"]: c["perplexity"] for c in full}
-    rows = []
-    for (method, slots), cells in sorted(
-        groups.items(), key=lambda kv: (method_order(kv[0][0]), kv[0][1] or 0)
-    ):
-        cells.sort(key=lambda c: c["window"])
-        ppl = statistics.fmean(c["perplexity"] for c in cells)
-        # Δ vs full over the same windows only, so a missing full window cannot skew it.
-        paired = [c["perplexity"] - full_by_window[c["window"]] for c in cells
-                  if c["window"] in full_by_window]  # fmt: skip
-        rows.append(
-            {
-                "method": method,
-                "budget": cell_budget(cells[0]),
-                "budget_slots": slots,
-                "budget_frac": cells[0]["budget_frac"],
-                "windows": len(cells),
-                "complete": len(cells) == args.windows,
-                "cache_bytes": cells[0]["cache_bytes"],
-                "full_cache_bytes": cells[0]["full_cache_bytes"],
-                "quality": ppl,
-                "per_window": [c["perplexity"] for c in cells],
-                "delta_vs_full": statistics.fmean(paired) if paired else None,
-                "seconds": statistics.fmean(c["seconds"] for c in cells),
-                "prefill_s": statistics.fmean(c["prefill_s"] for c in cells),
-                "decode_s": statistics.fmean(c["decode_s"] for c in cells),
-                "merges": _merge_totals(cells),
-                # Timings depend on the CPU threads the cell ran with (None: not recorded).
-                "threads": sorted({c.get("threads") for c in cells}, key=str),
-            }
-        )
-    return rows
+def perplexity_records(cells: list[dict]) -> pd.DataFrame:
+    """Our perplexity cells as table records, in the table's order: methods in registry order,
+    budgets by slots (full's none first), then windows."""
+    records = pd.DataFrame(cells).assign(
+        budget=[cell_budget(c) for c in cells],
+        # Summed over layers: [merges done, closed-form fallbacks to the score-weighted mean].
+        merges=[_layer_sum(c, 0) for c in cells],
+        fallbacks=[_layer_sum(c, 1) for c in cells],
+        # object: a cell without a count (None) must not turn the others into floats.
+        threads=pd.Series([c.get("threads") for c in cells], dtype=object),
+    )
+    return records.sort_values(["method", "budget_slots", "window"], key=_order, kind="stable")
 
 
-def _merge_totals(cells: list[dict]) -> list[float] | None:
-    stats = [c["merge_stats"] for c in cells if "merge_stats" in c]
-    if not stats:
-        return None
-    return [
-        statistics.fmean(sum(layer[i] for layer in s) for s in stats) for i in range(2)
-    ]  # mean over windows of the sum over layers
+def _layer_sum(cell: dict, stat: int) -> float | None:
+    stats = cell.get("merge_stats")
+    return None if stats is None else sum(layer[stat] for layer in stats)
+
+
+def perplexity_rows(
+    records: pd.DataFrame, by: list[str], full: pd.Series, windows: int
+) -> pd.DataFrame:
+    """A table row per ``by`` group of per-window ``records``, in their order: mean perplexity,
+    each window's, Δ vs ``full`` (full's perplexity by window) over the windows both have, and
+    the means of cache bytes, seconds and merges."""
+    records = records.reindex(columns=WINDOW_FIELDS)
+    records = records.assign(delta=records.perplexity - records.window.map(full))
+    means = ["prefill_s", "decode_s", "merges", "fallbacks", *MEANS]
+    rows = records.groupby(by, sort=False, dropna=False).agg(
+        **{key: (key, "first") for key in ("method", "budget", "budget_slots", "budget_frac")},
+        windows=("window", "size"),
+        quality=("perplexity", "mean"),
+        per_window=("perplexity", list),
+        delta_vs_full=("delta", "mean"),
+        **{key: (key, "mean") for key in means},
+        threads=("threads", _distinct),
+    )
+    return rows.reset_index(drop=True).assign(complete=lambda r: r.windows == windows)
+
+
+def _distinct(values: pd.Series) -> list:
+    return sorted(set(values), key=str)
 
 
 def coverage(n: int, of: int) -> str:
@@ -410,33 +376,32 @@ def coverage(n: int, of: int) -> str:
     return f"{n}" if n == of else f"{n} of {of}"
 
 
-def bytes_kept(row: dict) -> str:
-    text = f"{row['cache_bytes'] / 2**20:.1f} MiB"
-    # A kvpress prefill press compresses once: its cache then grows a slot per decoded token.
-    end = row.get("cache_bytes_end")
-    return text if end is None or end == row["cache_bytes"] else f"{text} → {end / 2**20:.1f}"
+def bytes_kept(rows: pd.DataFrame) -> pd.Series:
+    """Cache bytes in MiB, and ``→ end`` where the cache grew while decoding (a kvpress prefill
+    press compresses once: its cache then grows a slot per decoded token)."""
+    grew = rows.cache_bytes_end.where(rows.cache_bytes_end != rows.cache_bytes)
+    return formatted(rows.cache_bytes / 2**20, "{:.1f} MiB") + formatted(grew / 2**20, " → {:.1f}")
 
 
-def perplexity_table(rows: list[dict], windows: int) -> str:
-    lines = [
-        "| method | budget (slots) | windows | cache bytes kept | % of full | perplexity "
-        "| Δ vs full | per window | s / window (prefill + decode) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for r in rows:
-        slots = "all" if r["budget_slots"] is None else f"{r['budget_slots']}"
-        if r["budget_frac"] is not None:
-            slots += f" ({r['budget_frac']:g})"
-        delta = "" if r["delta_vs_full"] is None else f"{r['delta_vs_full']:+.3f}"
-        pct = 100 * r["cache_bytes"] / r["full_cache_bytes"]
-        lines.append(
-            f"| {r['method']} | {slots} | {coverage(r['windows'], windows)} "
-            f"| {bytes_kept(r)} | {pct:.1f}% "
-            f"| {r['quality']:.3f} | {delta} | "
-            + ", ".join(f"{p:.3f}" for p in r["per_window"])
-            + f" | {r['seconds']:.1f} ({r['prefill_s']:.1f} + {r['decode_s']:.1f}) |"
-        )
-    return "\n".join(lines)
+def percent_of_full(rows: pd.DataFrame) -> pd.Series:
+    return formatted(100 * rows.cache_bytes / rows.full_cache_bytes, "{:.1f}%")
+
+
+def perplexity_table(rows: pd.DataFrame, windows: int) -> str:
+    seconds = formatted(rows.seconds, "{:.1f}") + formatted(rows.prefill_s, " ({:.1f}")
+    columns = {
+        "method": rows.method,
+        "budget (slots)": formatted(rows.budget_slots, "{:.0f}", "all")
+        + formatted(rows.budget_frac, " ({:g})"),
+        "windows": rows.windows.map(lambda n: coverage(n, windows)),
+        "cache bytes kept": bytes_kept(rows),
+        "% of full": percent_of_full(rows),
+        "perplexity": formatted(rows.quality, "{:.3f}"),
+        "Δ vs full": formatted(rows.delta_vs_full, "{:+.3f}"),
+        "per window": rows.per_window.map(lambda ppl: ", ".join(f"{p:.3f}" for p in ppl)),
+        "s / window (prefill + decode)": seconds + formatted(rows.decode_s, " + {:.1f})"),
+    }
+    return markdown_table(pd.DataFrame(columns), align="lrrrrrrlr")
 
 
 # --- needle and retrieval ---
@@ -453,7 +418,7 @@ def run_cases(hf, tokenizer, task: str, args: argparse.Namespace, results: dict,
     cases = CASE_BUILDERS[task](
         tokenizer, args.lengths, args.depths, samples=args.samples, seed=args.seed
     )
-    digests = {case.id: digest(case.prompt) for case in cases}
+    digests = {case.id: token_digest(case.prompt) for case in cases}
     for method, budget in cells_to_run(args):
         keys = {case.id: case_key(task, method, budget, case, args) for case in cases}
         todo = [
@@ -503,56 +468,52 @@ def case_cells(results: dict, args: argparse.Namespace, task: str) -> list[dict]
     ]
 
 
-def summarize_cases(results: dict, args: argparse.Namespace, task: str) -> list[dict]:
-    """One row per (method, budget) over the requested grid's cases, in a stable order."""
-    size = grid_size(args)
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for cell in case_cells(results, args, task):
-        groups.setdefault((cell["method"], cell["budget"]), []).append(cell)
-    rows = []
-    for (method, budget), cells in sorted(
-        groups.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))
-    ):
-        rows.append(
-            {
-                "method": method,
-                "budget": budget,
-                "cases": len(cells),
-                "complete": len(cells) == size,
-                "cache_bytes": statistics.fmean(c["cache_bytes"] for c in cells),
-                "full_cache_bytes": statistics.fmean(c["full_cache_bytes"] for c in cells),
-                "quality": statistics.fmean(c["correct"] for c in cells),
-                "per_length": {
-                    n: statistics.fmean(c["correct"] for c in cells if c["length"] == n)
-                    for n in args.lengths
-                    if any(c["length"] == n for c in cells)
-                },
-                "seconds": statistics.fmean(c["seconds"] for c in cells),
-                "threads": sorted({c["threads"] for c in cells}, key=str),
-            }
-        )
-    return rows
+def case_records(cells: list[dict]) -> pd.DataFrame:
+    """Our needle or retrieval cells as table records, methods in registry order, then budgets
+    (full first, then fractions, then fixed slots, each ascending)."""
+    return pd.DataFrame(cells).sort_values(["method", "budget"], key=_order, kind="stable")
 
 
-def accuracy_table(rows: list[dict], lengths: list[int], size: int) -> str:
-    lines = [
-        "| method | budget | cases | cache bytes kept (mean) | % of full | accuracy | "
-        + " | ".join(f"{n} tokens" for n in lengths)
-        + " | s / case |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---:|",
-    ]
-    for r in rows:
-        pct = 100 * r["cache_bytes"] / r["full_cache_bytes"]
-        per_length = [
-            f"{100 * r['per_length'][n]:.0f}%" if n in r["per_length"] else "" for n in lengths
-        ]
-        lines.append(
-            f"| {r['method']} | {r['budget']} | {coverage(r['cases'], size)} | {bytes_kept(r)} "
-            f"| {pct:.1f}% | {100 * r['quality']:.1f}% | "
-            + " | ".join(per_length)
-            + f" | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+def accuracy_rows(records: pd.DataFrame, size: int) -> pd.DataFrame:
+    """A table row per (method, budget) of per-case ``records``, in their order: the accuracy,
+    overall and per prompt length (a column per length), and the means of bytes and seconds."""
+    records = records.reindex(columns=CASE_FIELDS)
+    keys = ["method", "budget"]
+    rows = records.groupby(keys, sort=False).agg(
+        cases=("correct", "size"),
+        quality=("correct", "mean"),
+        **{key: (key, "mean") for key in MEANS},
+        threads=("threads", _distinct),
+    )
+    per_length = records.pivot_table("correct", keys, "length", "mean", sort=False)
+    return rows.join(per_length).reset_index().assign(complete=lambda r: r.cases == size)
+
+
+def accuracy_table(rows: pd.DataFrame, lengths: list[int], size: int) -> str:
+    per_length = rows.reindex(columns=lengths)
+    columns = {
+        "method": rows.method,
+        "budget": rows.budget,
+        "cases": rows.cases.map(lambda n: coverage(n, size)),
+        "cache bytes kept (mean)": bytes_kept(rows),
+        "% of full": percent_of_full(rows),
+        "accuracy": formatted(100 * rows.quality, "{:.1f}%"),
+        **{f"{n} tokens": formatted(100 * per_length[n], "{:.0f}%") for n in lengths},
+        "s / case": formatted(rows.seconds, "{:.1f}"),
+    }
+    return markdown_table(pd.DataFrame(columns), align="lrrrrr" + "r" * len(lengths) + "r")
+
+
+def _order(column: pd.Series) -> pd.Series:
+    """``sort_values`` key of the tables' rows: methods by ``method_order``, budget labels by
+    ``budget_order``, slot counts ascending (full's none first)."""
+    if column.name == "method":
+        return column.map(method_order)
+    if column.name == "budget":
+        return column.map(budget_order)
+    if column.name == "budget_slots":
+        return column.fillna(0)
+    return column
 
 
 # --- kvpress peer ---
@@ -584,105 +545,66 @@ def write_peer_cases(hf, tokenizer, args: argparse.Namespace) -> Path:
     return write_cases(path, hf.config.name_or_path, windows, args.context, **cases)
 
 
-def peer_groups(
-    peer: dict, task: str, matches: set[tuple[str, str]], dtype: str
-) -> list[tuple[str, float, list[dict]]]:
-    """``(press, budget, rows)`` of ``task`` whose ``(id, token digest)`` is in ``matches``.
+def peer_records(peer: dict, task: str, matches: set[tuple[str, str]], dtype: str) -> pd.DataFrame:
+    """The peer's rows of ``task`` whose ``(id, token digest)`` is in ``matches`` as table
+    records, presses in the order the peer ran them (its --presses), budgets ascending.
 
     The digest pins the very token ids, so a tasks file written with other settings (another
     seed or length, same ids) contributes nothing. Rows without one predate it and are left out.
     """
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for row in peer["rows"]:
-        if (
-            row["task"] == task
-            and row.get("dtype") == dtype
-            and (row["id"], row.get("tokens_sha1")) in matches
-        ):
-            groups.setdefault((row["press"], row["budget_fraction"]), []).append(row)
-    # Presses in the order the peer ran them (its --presses), budgets ascending.
-    order = {press: i for i, press in enumerate(dict.fromkeys(r["press"] for r in peer["rows"]))}
-    return [
-        (press, budget, rows)
-        for (press, budget), rows in sorted(
-            groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
-        )
+    rows = [
+        row
+        for row in peer["rows"]
+        if row["task"] == task
+        and row.get("dtype") == dtype
+        and (row["id"], row.get("tokens_sha1")) in matches
     ]
+    if not rows:
+        return pd.DataFrame()
+    presses = list(dict.fromkeys(r["press"] for r in peer["rows"]))
+    records = pd.DataFrame(rows)
+    return records.assign(
+        method=PEER_PREFIX + records.press,
+        budget=records.budget_fraction.map("{:g}".format),
+        budget_frac=records.budget_fraction,
+        budget_slots=records.cache_slots,
+        seconds=records.prefill_s + records.decode_s,
+        rank=records.press.map(presses.index),
+    ).sort_values(["rank", "budget_frac"], kind="stable")
 
 
-def _peer_common(press: str, budget: float, rows: list[dict]) -> dict:
-    """The fields a peer row shares between the two tables: name, bytes, seconds, threads."""
-    return {
-        "method": PEER_PREFIX + press,
-        "budget": f"{budget:g}",
-        "cache_bytes": statistics.fmean(r["cache_bytes"] for r in rows),
-        "cache_bytes_end": statistics.fmean(r["cache_bytes_end"] for r in rows),
-        "full_cache_bytes": statistics.fmean(r["full_cache_bytes"] for r in rows),
-        "seconds": statistics.fmean(r["prefill_s"] + r["decode_s"] for r in rows),
-        "threads": sorted({r["threads"] for r in rows}, key=str),
-    }
-
-
-def peer_perplexity_rows(peer: dict, cells: list[dict], args: argparse.Namespace) -> list[dict]:
+def peer_perplexity_rows(
+    peer: dict, cells: list[dict], full: pd.Series, args: argparse.Namespace
+) -> pd.DataFrame:
     """Perplexity rows of the peer over the windows of ``cells`` (this table's)."""
-    window = {f"window-{c['window']}": c["window"] for c in cells}
     matches = {(f"window-{c['window']}", c["window_sha1"]) for c in cells}
-    full = {c["window"]: c["perplexity"] for c in cells if c["method"] == "full"}
-    out = []
-    for press, budget, rows in peer_groups(peer, "perplexity", matches, args.dtype):
-        rows.sort(key=lambda r: window[r["id"]])
-        ppl = [math.exp(statistics.fmean(r["nll"])) for r in rows]
-        paired = [p - full[window[r["id"]]] for p, r in zip(ppl, rows, strict=True)
-                  if window[r["id"]] in full]  # fmt: skip
-        out.append(
-            _peer_common(press, budget, rows)
-            | {
-                "budget_slots": rows[0]["cache_slots"],
-                "budget_frac": budget,
-                "windows": len(rows),
-                "complete": len(rows) == args.windows,
-                "quality": statistics.fmean(ppl),
-                "per_window": ppl,
-                "delta_vs_full": statistics.fmean(paired) if paired else None,
-                "prefill_s": statistics.fmean(r["prefill_s"] for r in rows),
-                "decode_s": statistics.fmean(r["decode_s"] for r in rows),
-                "merges": None,
-            }
-        )
-    return out
+    records = peer_records(peer, "perplexity", matches, args.dtype)
+    if records.empty:
+        return records
+    records = records.assign(
+        window=records.id.str.removeprefix("window-").astype(int),
+        perplexity=records.nll.map(lambda nll: math.exp(statistics.fmean(nll))),
+    ).sort_values(["rank", "budget_frac", "window"], kind="stable")
+    return perplexity_rows(records, ["method", "budget"], full, args.windows)
 
 
 def peer_case_rows(
     peer: dict, cells: list[dict], args: argparse.Namespace, task: str
-) -> list[dict]:
+) -> pd.DataFrame:
     """Needle or retrieval rows of the peer over the cases of ``cells`` (this table's)."""
     matches = {(c["id"], c["prompt_sha1"]) for c in cells}
-    out = []
-    for press, budget, rows in peer_groups(peer, task, matches, args.dtype):
-        out.append(
-            _peer_common(press, budget, rows)
-            | {
-                "cases": len(rows),
-                "complete": len(rows) == grid_size(args),
-                "quality": statistics.fmean(r["correct"] for r in rows),
-                "per_length": {
-                    n: statistics.fmean(r["correct"] for r in rows if r["length"] == n)
-                    for n in args.lengths
-                    if any(r["length"] == n for r in rows)
-                },
-            }
-        )
-    return out
+    records = peer_records(peer, task, matches, args.dtype)
+    return records if records.empty else accuracy_rows(records, grid_size(args))
 
 
-def peer_commands(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict) -> str:
+def peer_commands(args: argparse.Namespace, tables: dict[str, pd.DataFrame], peer: dict) -> str:
     """The two steps that recompute the peer's rows of ``tables``, then the merging rerun."""
-    rows = [r for task_rows in tables.values() for r in task_rows if is_peer(r["method"])]
+    rows = all_rows(tables, peer=True)
     meta = peer["meta"]
     tasks = meta.get("tasks") or str(Path(args.out).with_name(PEER_TASKS))
-    presses = dict.fromkeys(r["method"].removeprefix(PEER_PREFIX) for r in rows)
+    presses = dict.fromkeys(rows.method.str.removeprefix(PEER_PREFIX))
     # `none` runs at budget 1, whatever --budgets says; the others take fractions below 1.
-    budgets = sorted({r["budget"] for r in rows} - {"1"}, key=float)
+    budgets = sorted(set(rows.budget) - {"1"}, key=float)
     argv = [".venv-kvpress/bin/python", "benchmarks/kvpress_peer.py", "--tasks", tasks]
     argv += ["--presses", ",".join(presses)] + (["--budgets", ",".join(budgets)] if budgets else [])
     argv += ["--dtype", args.dtype]
@@ -701,19 +623,36 @@ def is_peer(method: str) -> bool:
     return method.startswith(PEER_PREFIX)
 
 
+def all_rows(tables: dict[str, pd.DataFrame], peer: bool) -> pd.DataFrame:
+    """The rows of every table that are the peer's (``peer``), or ours."""
+    rows = pd.concat(tables.values(), ignore_index=True)
+    return rows[rows.method.map(is_peer) == peer]
+
+
 def build_tables(
     results: dict, args: argparse.Namespace, peer: dict | None
-) -> dict[str, list[dict]]:
+) -> dict[str, pd.DataFrame]:
     """Every task with finished cells for these settings, the peer's matching rows after them."""
-    ppl_cells = perplexity_cells(results, args)
-    tables = {"perplexity": summarize(results, args)}
-    if peer and tables["perplexity"]:
-        tables["perplexity"] += peer_perplexity_rows(peer, ppl_cells, args)
+    tables = {}
+    cells = perplexity_cells(results, args)
+    if cells:
+        full = pd.Series({c["window"]: c["perplexity"] for c in cells if c["method"] == "full"})
+        records = perplexity_records(cells)
+        rows = [perplexity_rows(records, ["method", "budget_slots"], full, args.windows)]
+        rows += [peer_perplexity_rows(peer, cells, full, args)] if peer else []
+        tables["perplexity"] = _concat(rows)
     for task in CASE_BUILDERS:
-        tables[task] = summarize_cases(results, args, task)
-        if peer and tables[task]:
-            tables[task] += peer_case_rows(peer, case_cells(results, args, task), args, task)
-    return {task: rows for task, rows in tables.items() if rows}
+        cells = case_cells(results, args, task)
+        if cells:
+            rows = [accuracy_rows(case_records(cells), grid_size(args))]
+            rows += [peer_case_rows(peer, cells, args, task)] if peer else []
+            tables[task] = _concat(rows)
+    return tables
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    # An empty frame (no peer rows) has no columns: concatenated, it could change dtypes.
+    return pd.concat([f for f in frames if not f.empty], ignore_index=True)
 
 
 # --- shared ---
@@ -736,22 +675,25 @@ def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, l
     return model
 
 
-def _threads_note(rows: list[dict]) -> str:
-    counts = {t for r in rows for t in r["threads"]}
+def _threads_note(rows: pd.DataFrame) -> str:
+    counts = {t for threads in rows.threads for t in threads}
     if len(counts) == 1:
         return f"{counts.pop()} CPU thread(s)"
     per_row = "; ".join(
-        f"{r['method']} {r['budget']}: {'/'.join(map(str, r['threads']))}" for r in rows
+        f"{method} {budget}: {'/'.join(map(str, threads))}"
+        for method, budget, threads in zip(rows.method, rows.budget, rows.threads, strict=True)
     )
     return f"CPU threads per cell (not the same for all rows, compare timings with care): {per_row}"
 
 
-def command(args: argparse.Namespace, tables: dict[str, list[dict]], python: str = "python") -> str:
+def command(
+    args: argparse.Namespace, tables: dict[str, pd.DataFrame], python: str = "python"
+) -> str:
     """The command line that computes every kvslim row of ``tables`` (rerunning none that is
     done) and merges the peer's."""
-    rows = [r for task_rows in tables.values() for r in task_rows if not is_peer(r["method"])]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    budgets = sorted({r["budget"] for r in rows} - {"all"}, key=budget_order)
+    rows = all_rows(tables, peer=False)
+    methods = list(dict.fromkeys(rows.method))
+    budgets = sorted(set(rows.budget) - {"all"}, key=budget_order)
     argv = [python, "benchmarks/quality.py", "--tasks", ",".join(tables)]
     argv += ["--methods", ",".join(methods)] + (["--budgets", ",".join(budgets)] if budgets else [])
     if "perplexity" in tables:
@@ -768,7 +710,7 @@ def command(args: argparse.Namespace, tables: dict[str, list[dict]], python: str
     return shlex.join(argv)
 
 
-def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict | None) -> str:
+def markdown(args: argparse.Namespace, tables: dict[str, pd.DataFrame], peer: dict | None) -> str:
     md = [
         "# Quality of compressed KV caches",
         "",
@@ -783,7 +725,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
         "```",
         "",
     ]
-    if peer and any(is_peer(r["method"]) for rows in tables.values() for r in rows):
+    if peer and not all_rows(tables, peer=True).empty:
         meta = peer["meta"]
         source = [f"{k} {meta[k]}" for k in ("kvpress", "transformers", "torch") if k in meta]
         source += [f"`{peer['path']}`", "`benchmarks/kvpress_peer.py`"]
@@ -825,17 +767,17 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
                 perplexity_table(rows, args.windows),
                 "",
             ]
-            merge_rows = [r for r in rows if r["merges"]]
-            if merge_rows:
+            merged = rows[rows.merges.notna()]
+            if not merged.empty:
                 md += [
                     "Merges (merged runs counted per KV head, summed over layers, mean over "
                     "windows):",
                     "",
                 ]
                 md += [
-                    f"- {r['method']} {r['budget_slots']}: {r['merges'][0]:.0f} merges, "
-                    f"{r['merges'][1]:.0f} fallbacks to the score-weighted mean"
-                    for r in merge_rows
+                    f"- {r.method} {r.budget_slots:.0f}: {r.merges:.0f} merges, "
+                    f"{r.fallbacks:.0f} fallbacks to the score-weighted mean"
+                    for r in merged.itertuples()
                 ]
                 md.append("")
         else:
@@ -843,7 +785,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
             md += [
                 f"Prompts of {', '.join(map(str, args.lengths))} tokens with {hidden} at depths "
                 f"{', '.join(f'{d:g}' for d in args.depths)} ({args.samples} case(s) per cell, "
-                f"seed {args.seed}; `kvslim_fx.haystack`), answered greedily; right when the "
+                f"seed {args.seed}; `kvslim_fx.eval.haystack`), answered greedily; right when the "
                 f"first number generated is the hidden one. Seconds: wall time per case, "
                 f"{_threads_note(rows)}.",
                 "",
@@ -853,36 +795,30 @@ def markdown(args: argparse.Namespace, tables: dict[str, list[dict]], peer: dict
     return "\n".join(md)
 
 
-def summary(tables: dict[str, list[dict]]) -> str:
+def summary(tables: dict[str, pd.DataFrame]) -> str:
     """Every method's quality per task and budget, one row per method (what the README shows).
 
     Perplexity is the mean over the windows, needle and retrieval the accuracy; an uncompressed
     row (``full``, the peer's ``none``) fills the "uncompressed" column. Only complete rows.
     """
-    budgets = sorted({r["budget"] for rows in tables.values() for r in rows
-                      if not _uncompressed(r)}, key=budget_order)  # fmt: skip
-    columns = [(task, b) for task in tables for b in ["all", *budgets]]
-    values: dict[str, dict[tuple[str, str], str]] = {}
-    for task, rows in tables.items():
-        for r in rows:
-            if not r["complete"]:
-                continue
-            q = f"{r['quality']:.2f}" if task == "perplexity" else f"{100 * r['quality']:.0f}%"
-            budget = "all" if _uncompressed(r) else r["budget"]
-            values.setdefault(r["method"], {})[(task, budget)] = q
-    columns = [c for c in columns if any(c in v for v in values.values())]
-    head = [f"{SHORT[task]} {'uncompressed' if b == 'all' else b}" for task, b in columns]
-    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
-    for method, v in values.items():
-        lines.append(f"| {method} | " + " | ".join(v.get(c, "") for c in columns) + " |")
-    return "\n".join(lines)
+    rows = pd.concat([r.assign(task=task) for task, r in tables.items()], ignore_index=True)
+    rows = rows[rows.complete]
+    uncompressed = rows.method.isin(["full", PEER_PREFIX + "none"])
+    rows = rows.assign(
+        column=rows.budget.where(~uncompressed, "all"),
+        value=formatted(rows.quality, "{:.2f}").where(
+            rows.task == "perplexity", formatted(100 * rows.quality, "{:.0f}%")
+        ),
+    )
+    wide = rows.pivot_table("value", "method", ["task", "column"], "first", sort=False)
+    budgets = sorted(set(rows.column) - {"all"}, key=budget_order)
+    columns = [(t, b) for t in tables for b in ["all", *budgets] if (t, b) in wide.columns]
+    wide = wide.reindex(columns=columns).fillna("")
+    wide.columns = [f"{SHORT[t]} {'uncompressed' if b == 'all' else b}" for t, b in columns]
+    return markdown_table(wide.reset_index(), align="l" + "r" * len(columns))
 
 
-def _uncompressed(row: dict) -> bool:
-    return row["method"] in ("full", PEER_PREFIX + "none")
-
-
-def plot(tables: dict[str, list[dict]], path: Path) -> bool:
+def plot(tables: dict[str, pd.DataFrame], path: Path) -> bool:
     try:
         import matplotlib
         import matplotlib.ticker
@@ -896,18 +832,18 @@ def plot(tables: dict[str, list[dict]], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(tables), figsize=(width, 4.4), squeeze=False)
     for ax, (task, rows) in zip(axes[0], tables.items(), strict=True):
         # A mean over part of the windows or cases is not comparable: partial rows stay off.
-        rows = [r for r in rows if r["complete"]]
+        rows = rows[rows.complete]
         scale = 1 if task == "perplexity" else 100
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["cache_bytes"] / 2**20, scale * r["quality"]) for r in rows
-                         if r["method"] == method)  # fmt: skip
+        points = rows.assign(mib=rows.cache_bytes / 2**20, y=scale * rows.quality)
+        for method, group in points.groupby("method", sort=False):
+            pts = group.sort_values(["mib", "y"])
             if method == "full":
-                ax.axhline(pts[0][1], color="gray", ls="--", lw=1)
-                ax.plot(*zip(*pts, strict=True), "k*", ms=10, label="full")
+                ax.axhline(pts.y.iloc[0], color="gray", ls="--", lw=1)
+                ax.plot(pts.mib, pts.y, "k*", ms=10, label="full")
             elif is_peer(method):
-                ax.plot(*zip(*pts, strict=True), "s:", mfc="none", label=method)
+                ax.plot(pts.mib, pts.y, "s:", mfc="none", label=method)
             else:
-                ax.plot(*zip(*pts, strict=True), "o-", label=method)
+                ax.plot(pts.mib, pts.y, "o-", label=method)
         ax.set_xscale("log")
         # Plain MiB numbers on the log axis, not 6x10^0-style ticks.
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -953,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     json_path = out.with_suffix(".json")
-    results = load_results(json_path)
+    results = load_results(json_path, {"cells": {}, "runs": []})
     results["runs"].append(
         {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "--budget",
         metavar="N|F",
         help="KV slots kept per layer, sink slots included (int, e.g. 2048), or a fraction of "
-        "the prompt (e.g. 0.25); default: keep everything",
+        "the prompt (e.g. 0.25 or 25%%); default: keep everything",
     )
     common.add_argument(
         "--sink", type=int, metavar="N", help="sink slots (default: the method's own)"
@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="instead of scoring, write the token ids of all three tasks' cases to FILE (JSON, "
         "so that a peer harness runs the same prompts; the schema is in "
-        "kvslim_fx.case_export.write_cases)",
+        "kvslim_fx.eval.case_file.write_cases)",
     )
     ev.set_defaults(command=_eval)
     return parser
@@ -296,7 +296,7 @@ def _eval(args: argparse.Namespace) -> int:
         records, text = _perplexity(core, cases, args.context, label)
         summary = {"perplexity": records[-1]["perplexity"]}
     else:
-        from .retrieval import accuracy, accuracy_by_cell, accuracy_grid, answer_case
+        from .eval.answers import accuracy, accuracy_by_cell, accuracy_grid, answer_case
 
         answers = [answer_case(core, tokenizer, c) for c in _progress(cases, label)]
         records = [dataclasses.asdict(a) for a in answers]
@@ -329,7 +329,7 @@ def _check_positions(args: argparse.Namespace, path: Path, cases: list[Any]) -> 
     if args.task == "perplexity":
         longest, fix = args.context + args.continuation, "--context or --continuation"
     else:
-        from .retrieval import answer_tokens
+        from .eval.answers import answer_tokens
 
         longest, fix = max(len(c.prompt) + answer_tokens(c) for c in cases), "--lengths"
     if longest > positions:
@@ -343,8 +343,8 @@ def _task_cases(
     task: str, args: argparse.Namespace, tokenizer: Any, lengths: list[int], depths: list[float]
 ) -> list[Any]:
     """``task``'s cases: haystack cases for needle/retrieval, ``[1, N]`` windows for perplexity."""
-    from .evaluate import austen_windows
-    from .haystack import needle_cases, retrieval_cases
+    from .eval.haystack import needle_cases, retrieval_cases
+    from .eval.perplexity import austen_windows
 
     if task == "perplexity":
         try:
@@ -363,7 +363,7 @@ def _perplexity(
     """Per-window records (the last one the mean over windows) and their table."""
     import torch
 
-    from .evaluate import continuation_nll, perplexity
+    from .eval.perplexity import continuation_nll, perplexity
 
     records, nlls = [], []
     for i, window in enumerate(_progress(windows, label)):
@@ -392,7 +392,7 @@ def _perplexity(
 def _export_cases(
     args: argparse.Namespace, path: Path, tokenizer: Any, lengths: list[int], depths: list[float]
 ) -> int:
-    from .case_export import write_cases
+    from .eval.case_file import write_cases
 
     windows = _task_cases("perplexity", args, tokenizer, lengths, depths)
     cases = {t: _task_cases(t, args, tokenizer, lengths, depths) for t in ("needle", "retrieval")}
@@ -448,9 +448,10 @@ class _Clock:
 
 def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     """transform()'s keyword arguments, checked before any model is loaded."""
+    from .budget import parse_budget
     from .methods import make_method, parse_option
 
-    budget = _budget(args.budget)
+    budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     method_options = dict(parse_option(text) for text in args.option)
     if args.sink is not None:
         method_options["sink"] = args.sink
@@ -464,19 +465,8 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _budget(text: str | None) -> int | float | None:
-    if text is None:
-        return None
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    raise KVSlimError(
-        f"--budget must be a number of slots (e.g. 2048) or a fraction (e.g. 0.25), got {text!r}"
-    )
-
-
 def _model_dir(model: str | None) -> Path:
-    from .models import resolve_model
+    from .eval.default_model import resolve_model
 
     # Resolved here because transformers would take a missing path for a hub repo id. The first
     # use of the default model converts it, loading the GGUF through transformers.

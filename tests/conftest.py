@@ -1,10 +1,15 @@
-"""Test-wide setup: Triton runs through its interpreter on machines without a GPU."""
+"""Test-wide setup: Triton runs through its interpreter on machines without a GPU, and the
+benchmarks' shared module imports as ``common``, as it does when they run as scripts."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 if not torch.cuda.is_available():
     # Must be set before triton is first imported (kvslim_fx.kernels imports it).

@@ -47,3 +47,13 @@ def prefill_and_decode(model, ids, mask, steps: int = 0) -> torch.Tensor:
             token = logits[-1][:, -1].argmax(-1, keepdim=True)
             logits.append(model(token, torch.ones_like(token)))
     return torch.cat(logits, dim=1)
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every markdown table row in ``markdown`` (header included, the alignment
+    line left out), stripped of their padding."""
+    return [
+        [cell.strip() for cell in line.strip()[1:-1].split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and set(line) - set("|-: ")
+    ]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import table_rows
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
 _spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
@@ -18,15 +19,16 @@ sys.modules["bench_decode"] = decode  # dataclasses look their module up while i
 _spec.loader.exec_module(decode)
 
 
-def test_budgets_are_slots_or_fractions():
-    assert decode.parse_budget("2048") == 2048
-    assert isinstance(decode.parse_budget("2048"), int)
-    assert decode.parse_budget("0.25") == 0.25
-    assert decode.parse_budget("25%") == 0.25
-    assert decode.parse_budget("1.0") == 1.0  # a fraction: the whole context
+def test_budgets_are_slots_or_fractions_labelled_as_percentages():
+    args = decode.parse_args(["--budgets", "2048,0.25,25%,1.0", "--methods", "streaming"])
+    assert [r.budget for r in args.row_list[5:]] == [2048, 0.25, 0.25, 1.0]
+    assert [r.name for r in args.row_list[5:7]] == [
+        "streaming-2048-compile",
+        "streaming-25%-compile",
+    ]
     for bad in ("0", "1.5", "150%"):
-        with pytest.raises(ValueError):
-            decode.parse_budget(bad)
+        with pytest.raises(SystemExit):
+            decode.parse_args(["--budgets", bad])
     assert decode.budget_label(2048) == "2048"
     assert decode.budget_label(0.25) == "25%"
 
@@ -144,6 +146,10 @@ def test_report_ratios_and_failed_rows():
     # Every line has the same number of columns, failed ones included (a | in the error is
     # escaped so it does not open a column).
     assert len({line.count("|") for line in lines}) == 1
-    assert "error: KVSlimError: no / room" in text
-    assert "skipped: budget 2048" in text
-    assert "| 3.00× | 1.50× |" in text
+    rows = table_rows(text)
+    assert rows[3] == ["full-compile", "512", "1", "0.500", "30.0", "33.33", "3.00×", "1.50×",
+                       "1.0", "1.00", "25.0%", "1000.00", "3000%", ""]  # fmt: skip
+    assert rows[4] == ["snapkv-25%-compile", "512", "1", *["–"] * 10,
+                       "error: KVSlimError: no / room"]  # fmt: skip
+    assert rows[5][-1] == "skipped: budget 2048 ≥ sequence 576"
+    assert rows[6][6:8] == ["–", "–"]  # batch 8: no HF row to compare with

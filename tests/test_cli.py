@@ -18,13 +18,12 @@ from tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
 from tiny_text import BOOKS, char_tokenizer, fast_tokenizer
 
 import kvslim_fx
-from kvslim_fx import evaluate
 from kvslim_fx.cli import main
 from kvslim_fx.errors import KVSlimError
-from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity
-from kvslim_fx.haystack import needle_cases, retrieval_cases
+from kvslim_fx.eval.answers import answer_case
+from kvslim_fx.eval.haystack import needle_cases, retrieval_cases
+from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity
 from kvslim_fx.methods import METHODS, parse_spec
-from kvslim_fx.retrieval import answer_case
 
 UNK_TOKEN_ID = 3
 # Word "w{i}" is token i, so a decoded text reads as its token ids.
@@ -256,7 +255,7 @@ def text_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_corpus(monkeypatch):
-    monkeypatch.setattr(evaluate, "austen_text", lambda: dict(BOOKS))
+    monkeypatch.setattr("kvslim_fx.eval.perplexity.austen_text", lambda: dict(BOOKS))
 
 
 GRID = ["--lengths", "320", "--depths", "0.2,0.8", "--seed", "3"]

@@ -9,8 +9,7 @@ import torch
 from helpers import hf_model, kv_model
 from tiny_models import VOCAB_SIZE
 
-from kvslim_fx import evaluate
-from kvslim_fx.evaluate import austen_windows, continuation_nll, perplexity, reference_nll
+from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity, reference_nll
 
 
 def synthetic_window(n: int, seed: int = 0) -> torch.Tensor:
@@ -77,7 +76,7 @@ def fake_corpus(monkeypatch):
         "Short": "xyz" * 10,  # 30 tokens: too short for any window below
         "C": "".join(chr(0x400 + i % 50) for i in range(400)),
     }
-    monkeypatch.setattr(evaluate, "austen_text", lambda: dict(books))
+    monkeypatch.setattr("kvslim_fx.eval.perplexity.austen_text", lambda: dict(books))
     return books
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_model
+from helpers import hf_model, table_rows
 from tiny_models import EOS_TOKEN_ID, VOCAB_SIZE
 
-from kvslim_fx.evaluate import reference_nll
+from kvslim_fx.errors import KVSlimError
+from kvslim_fx.eval.perplexity import reference_nll
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_peer.py"
 _spec = importlib.util.spec_from_file_location("kvpress_peer", _PATH)
@@ -41,10 +42,10 @@ def test_press_names_and_budgets():
     ]
     with pytest.raises(ValueError, match="unknown presses"):
         peer.parse_presses("tova,h2o")
-    assert peer.parse_budgets("0.125,0.25") == [0.125, 0.25]
-    for bad in ("0", "1", "1.5", ""):
-        with pytest.raises(ValueError):
-            peer.parse_budgets(bad)
+    assert peer.parse_fractions("0.125,25%") == [0.125, 0.25]
+    for bad in ("0", "1", "1.0", "1.5", "", "x"):
+        with pytest.raises(KVSlimError, match="--budgets"):
+            peer.parse_fractions(bad)
     assert peer.compression_ratio(0.1) == 0.9 and peer.compression_ratio(0.25) == 0.75
     # `none` is one cell whatever the budgets.
     assert peer.cells(["none", "knorm"], [0.25, 0.5]) == [
@@ -120,15 +121,20 @@ def test_summary_and_table():
         base | {"press": "none", "budget_fraction": 1.0, "task": "perplexity", "nll": [1.0]},
     ]
     lines = peer.summarize(rows)
-    assert [(s["press"], s["task"]) for s in lines] == [
+    assert list(zip(lines.press, lines.task, strict=True)) == [
         ("none", "perplexity"),
         ("tova", "perplexity"),
         ("tova", "needle"),
     ]
-    assert lines[1]["perplexity"] == pytest.approx(math.e)
-    assert lines[2]["accuracy"] == 0.5
-    text = peer.table(lines)
-    assert "| tova | 0.25 | needle | 2 | 1.00 MiB | 25.0% | 50% | 2.0 |" in text
+    assert lines.perplexity[1] == pytest.approx(math.e)
+    assert lines.accuracy[2] == 0.5 and list(lines["items"]) == [1, 1, 2]
+    assert table_rows(peer.table(lines)) == [
+        ["press", "budget", "task", "items", "cache kept", "% of full", "perplexity / accuracy",
+         "s / item"],
+        ["none", "1", "perplexity", "1", "1.00 MiB", "25.0%", "2.718", "2.0"],
+        ["tova", "0.25", "perplexity", "1", "1.00 MiB", "25.0%", "2.718", "2.0"],
+        ["tova", "0.25", "needle", "2", "1.00 MiB", "25.0%", "50%", "2.0"],
+    ]  # fmt: skip
 
 
 def test_no_press_reproduces_the_plain_model():
@@ -138,7 +144,7 @@ def test_no_press_reproduces_the_plain_model():
     ref = reference_nll(model, torch.tensor([window]), 80)
     torch.testing.assert_close(nll, ref, rtol=1e-4, atol=1e-5)
     assert info["cache_slots_prefill"] == 80 and info["cache_slots_end"] == 95
-    assert info["cache_bytes_prefill"] == peer.full_cache_bytes(model.config, 80, torch.float32)
+    assert info["cache_bytes_prefill"] == peer.full_kv_bytes(model.config, 80, torch.float32)
 
 
 @contextlib.contextmanager

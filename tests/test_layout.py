@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -37,7 +39,19 @@ def test_imports_point_down_only(layer):
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}: imports must point down only"
 
 
-def test_wheel_installs_passes_and_kernels_inside_kvslim_fx(tmp_path):
+def test_the_library_imports_its_eval_tooling_only_lazily():
+    """kvslim_fx.eval sits on top of the library: importing the library (the command line
+    included, whose commands import it when they run) loads none of it."""
+    code = (
+        "import sys, kvslim_fx, kvslim_fx.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kvslim_fx.eval')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_wheel_installs_passes_kernels_and_eval_inside_kvslim_fx(tmp_path):
     from setuptools import build_meta
 
     cwd = os.getcwd()
@@ -51,13 +65,11 @@ def test_wheel_installs_passes_and_kernels_inside_kvslim_fx(tmp_path):
     assert top == {"kvslim_fx"}
     assert "kvslim_fx/passes/sdpa.py" in names
     assert "kvslim_fx/kernels/attention.py" in names
+    assert "kvslim_fx/eval/haystack.py" in names
 
 
 def test_imports_and_runs_without_triton():
     """macOS / Windows CPU installs have no Triton: the library imports quietly and the ops run."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
         "import torch, kvslim_fx\n"

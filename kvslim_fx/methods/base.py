@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..budget import check_budget
 from ..errors import KVSlimError
 
 # Full caches round their capacity up so that repeated generate() calls of similar lengths
@@ -63,19 +64,7 @@ class Method:
     def _check_budget(self, budget: int | float | None) -> int | float | None:
         if budget is None:
             return None
-        if isinstance(budget, bool) or not isinstance(budget, int | float):
-            raise KVSlimError(
-                f"budget must be a number of slots (int) or a fraction of the prompt in (0, 1], "
-                f"got {budget!r}"
-            )
-        if isinstance(budget, float):
-            if not 0.0 < budget <= 1.0:
-                raise KVSlimError(
-                    f"a fractional budget must lie in (0, 1], got {budget}; pass an int for a "
-                    "number of slots"
-                )
-            return budget
-        if budget <= (self.sink or 0):
+        if isinstance(check_budget(budget), int) and budget <= (self.sink or 0):
             raise KVSlimError(
                 f"budget={budget} must exceed sink={self.sink} (the budget counts the sink "
                 f"slots); raise the budget or lower sink"

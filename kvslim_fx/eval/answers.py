@@ -1,6 +1,6 @@
 """Answering retrieval cases through a compressed cache, and scoring the answers.
 
-The cases come from :mod:`kvslim_fx.haystack`; each is answered greedily with
+The cases come from :mod:`kvslim_fx.eval.haystack`; each is answered greedily with
 :func:`kvslim_fx.generate` from an empty cache, so prefill and decode both compress::
 
     model = transform(hf, "streaming", 0.25)
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import _core, generate
+from ..generate import _core, generate
 from .haystack import Case
 
 _NUMBER = re.compile(r"\d+")

@@ -33,8 +33,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from .errors import KVSlimError
-from .models import cache_root
+from ..errors import KVSlimError
+from .default_model import cache_root
 
 DEB_PACKAGE = "r-cran-janeaustenr"
 CORPUS_FILE = "austen.json"

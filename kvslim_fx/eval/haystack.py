@@ -31,8 +31,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import KVSlimError
-from .evaluate import austen_tokens
+from ..errors import KVSlimError
+from .perplexity import austen_tokens
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 7168)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -19,8 +19,8 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..model import KVSlimModel
 from .corpus import austen_text
-from .model import KVSlimModel
 
 
 def austen_tokens(tokenizer) -> dict[str, list[int]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import KVSlimError
+from ..errors import KVSlimError
 
 CACHE_ENV = "KVSLIM_FX_CACHE"
 DEFAULT_NAMES = ("smollm2", "smollm2-135m-instruct")
@@ -71,9 +71,14 @@ def gguf_path() -> Path:
     )
 
 
+def default_model_dir() -> Path:
+    """Where the converted default model lives, whether or not it has been converted yet."""
+    return cache_root() / "models" / _MODEL_DIR
+
+
 def default_model_path() -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, converting it on first use."""
-    out = cache_root() / "models" / _MODEL_DIR
+    out = default_model_dir()
     if (out / _MARKER).is_file():
         return out
     gguf = gguf_path()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .errors import KVSlimError
+from ..errors import KVSlimError
 from .haystack import Case
 
 
@@ -34,7 +34,7 @@ def write_cases(
 
         {
           "model": str,                   # the model the ids belong to
-          "perplexity": [                 # from evaluate.austen_windows
+          "perplexity": [                 # from perplexity.austen_windows
             {"id": "window-0",
              "context": [int, ...],       # prefill these ...
              "continuation": [int, ...]}  # ... then score these, teacher-forced one at a time
