@@ -61,6 +61,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from common import formatted, load_results, log, markdown_table, save_results, token_digest
@@ -98,6 +99,13 @@ PEER_CAVEATS = (
 MEANS = ("cache_bytes", "cache_bytes_end", "full_cache_bytes", "seconds")
 WINDOW_FIELDS = ["method", "budget", "budget_slots", "budget_frac", "window", "perplexity"]
 WINDOW_FIELDS += [*MEANS, "prefill_s", "decode_s", "merges", "fallbacks", "threads"]
+# The largest slot (tokens merged into one) after the prompt and at the end, and its 99th
+# percentile over the slots: the diagnostics that make a collapsed merge schedule visible.
+SLOT_FIELDS = ["largest_prompt", "p99_prompt", "largest_end", "p99_end"]
+WINDOW_FIELDS += SLOT_FIELDS
+# Perplexity differences to this method, at the same budget and on the same windows.
+BASELINE = "streaming"
+BOOTSTRAP = 10_000
 CASE_FIELDS = ["method", "budget", "length", "correct", *MEANS, "threads"]
 
 
@@ -252,7 +260,8 @@ def run_check(hf, windows: list[torch.Tensor], args: argparse.Namespace) -> int:
 
 def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
-    nll = continuation_nll(model, window, args.context, timings=timings)
+    diagnostics: dict[str, list] = {}
+    nll = continuation_nll(model, window, args.context, timings=timings, diagnostics=diagnostics)
     record = {
         "nll": [round(float(x), 6) for x in nll],
         "mean_nll": float(nll.double().mean()),
@@ -263,6 +272,8 @@ def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
         "prefill_s": timings["prefill_s"],
         "decode_s": timings["decode_s"],
         "seconds": timings["prefill_s"] + timings["decode_s"],
+        # Per layer, after the prompt and at the end: occupancy, largest slots, merge counts.
+        "diagnostics": diagnostics,
     }
     if model.layers[0].layout.merges:
         # Per layer [merges done, closed-form fallbacks to the score-weighted mean].
@@ -335,6 +346,11 @@ def perplexity_records(cells: list[dict]) -> pd.DataFrame:
         # Summed over layers: [merges done, closed-form fallbacks to the score-weighted mean].
         merges=[_layer_sum(c, 0) for c in cells],
         fallbacks=[_layer_sum(c, 1) for c in cells],
+        **{
+            f"{stat}_{when}": [_layer_max(c, when, f"{stat}_slot") for c in cells]
+            for when in ("prompt", "end")
+            for stat in ("largest", "p99")
+        },
         # object: a cell without a count (None) must not turn the others into floats.
         threads=pd.Series([c.get("threads") for c in cells], dtype=object),
     )
@@ -346,14 +362,42 @@ def _layer_sum(cell: dict, stat: int) -> float | None:
     return None if stats is None else sum(layer[stat] for layer in stats)
 
 
+def _layer_max(cell: dict, when: str, stat: str) -> float | None:
+    layers = cell.get("diagnostics", {}).get(when)
+    return None if not layers else max(layer[stat] for layer in layers)
+
+
+def paired_interval(diffs: pd.Series) -> tuple[float, float, float] | None:
+    """Mean of per-window differences and its 95 % bootstrap interval (windows resampled)."""
+    d = diffs.dropna().to_numpy()
+    if len(d) < 2:
+        return None
+    means = np.random.default_rng(0).choice(d, size=(BOOTSTRAP, len(d))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
+
+
+def baseline_perplexity(cells: list[dict]) -> pd.Series:
+    """:data:`BASELINE`'s perplexity by (budget label, window), from our cells."""
+    base = [c for c in cells if c["method"] == BASELINE]
+    index = pd.MultiIndex.from_tuples([(cell_budget(c), c["window"]) for c in base])
+    return pd.Series([c["perplexity"] for c in base], index=index, dtype=float)
+
+
 def perplexity_rows(
-    records: pd.DataFrame, by: list[str], full: pd.Series, windows: int
+    records: pd.DataFrame, by: list[str], full: pd.Series, base: pd.Series, windows: int
 ) -> pd.DataFrame:
     """A table row per ``by`` group of per-window ``records``, in their order: mean perplexity,
-    each window's, Δ vs ``full`` (full's perplexity by window) over the windows both have, and
-    the means of cache bytes, seconds and merges."""
+    each window's, Δ vs ``full`` (full's perplexity by window) over the windows both have, the
+    paired log-perplexity difference to :data:`BASELINE` (``base``, by budget and window) with
+    its bootstrap interval, the means of cache bytes, seconds and merges, and the largest
+    slots."""
     records = records.reindex(columns=WINDOW_FIELDS)
-    records = records.assign(delta=records.perplexity - records.window.map(full))
+    keys = pd.MultiIndex.from_arrays([records.budget, records.window])
+    records = records.assign(
+        delta=records.perplexity - records.window.map(full),
+        log_ratio=np.log(records.perplexity.to_numpy()) - np.log(base.reindex(keys).to_numpy()),
+    )
     means = ["prefill_s", "decode_s", "merges", "fallbacks", *MEANS]
     rows = records.groupby(by, sort=False, dropna=False).agg(
         **{key: (key, "first") for key in ("method", "budget", "budget_slots", "budget_frac")},
@@ -361,7 +405,9 @@ def perplexity_rows(
         quality=("perplexity", "mean"),
         per_window=("perplexity", list),
         delta_vs_full=("delta", "mean"),
+        vs_baseline=("log_ratio", paired_interval),
         **{key: (key, "mean") for key in means},
+        **{key: (key, "max") for key in SLOT_FIELDS},
         threads=("threads", _distinct),
     )
     return rows.reset_index(drop=True).assign(complete=lambda r: r.windows == windows)
@@ -398,10 +444,23 @@ def perplexity_table(rows: pd.DataFrame, windows: int) -> str:
         "% of full": percent_of_full(rows),
         "perplexity": formatted(rows.quality, "{:.3f}"),
         "Δ vs full": formatted(rows.delta_vs_full, "{:+.3f}"),
+        f"vs {BASELINE} (95 % CI)": rows.vs_baseline.map(_percent_interval),
+        "largest slot (p99): prompt → end": formatted(rows.largest_prompt, "{:.0f}")
+        + formatted(rows.p99_prompt, " ({:.0f})")
+        + formatted(rows.largest_end, " → {:.0f}")
+        + formatted(rows.p99_end, " ({:.0f})"),
         "per window": rows.per_window.map(lambda ppl: ", ".join(f"{p:.3f}" for p in ppl)),
         "s / window (prefill + decode)": seconds + formatted(rows.decode_s, " + {:.1f})"),
     }
-    return markdown_table(pd.DataFrame(columns), align="lrrrrrrlr")
+    return markdown_table(pd.DataFrame(columns), align="lrrrrrrrrlr")
+
+
+def _percent_interval(interval: tuple[float, float, float] | None) -> str:
+    """A mean log-perplexity difference as a perplexity change in percent, ``[low, high]``."""
+    if not isinstance(interval, tuple):
+        return ""
+    mean, low, high = (100 * math.expm1(x) for x in interval)
+    return f"{mean:+.2f}% [{low:+.2f}, {high:+.2f}]"
 
 
 # --- needle and retrieval ---
@@ -574,7 +633,7 @@ def peer_records(peer: dict, task: str, matches: set[tuple[str, str]], dtype: st
 
 
 def peer_perplexity_rows(
-    peer: dict, cells: list[dict], full: pd.Series, args: argparse.Namespace
+    peer: dict, cells: list[dict], full: pd.Series, base: pd.Series, args: argparse.Namespace
 ) -> pd.DataFrame:
     """Perplexity rows of the peer over the windows of ``cells`` (this table's)."""
     matches = {(f"window-{c['window']}", c["window_sha1"]) for c in cells}
@@ -585,7 +644,7 @@ def peer_perplexity_rows(
         window=records.id.str.removeprefix("window-").astype(int),
         perplexity=records.nll.map(lambda nll: math.exp(statistics.fmean(nll))),
     ).sort_values(["rank", "budget_frac", "window"], kind="stable")
-    return perplexity_rows(records, ["method", "budget"], full, args.windows)
+    return perplexity_rows(records, ["method", "budget"], full, base, args.windows)
 
 
 def peer_case_rows(
@@ -637,9 +696,10 @@ def build_tables(
     cells = perplexity_cells(results, args)
     if cells:
         full = pd.Series({c["window"]: c["perplexity"] for c in cells if c["method"] == "full"})
+        base = baseline_perplexity(cells)
         records = perplexity_records(cells)
-        rows = [perplexity_rows(records, ["method", "budget_slots"], full, args.windows)]
-        rows += [peer_perplexity_rows(peer, cells, full, args)] if peer else []
+        rows = [perplexity_rows(records, ["method", "budget_slots"], full, base, args.windows)]
+        rows += [peer_perplexity_rows(peer, cells, full, base, args)] if peer else []
         tables["perplexity"] = _concat(rows)
     for task in CASE_BUILDERS:
         cells = case_cells(results, args, task)

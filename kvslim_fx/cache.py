@@ -6,7 +6,9 @@ State per layer (buffers, mutated in place so ``torch.compile`` and AOTInductor 
 * ``logc``: ``[B, H_kv, C + 1]`` float32 log cardinality (0 for a slot holding one token);
 * ``pos``: ``[B, H_kv, C + 1]`` int64 position of each slot's (last) token, ``-1`` = empty;
 * whatever per-slot state the method declares (``[B, H_kv, C + 1]`` each), and
-  ``merge_stats [2]`` (float64: merges done, closed-form fallbacks) for merging methods.
+  ``merge_stats [4]`` (float64) for the methods that store tokens themselves: tokens merged
+  or dropped, fallbacks (KVSlimmer's closed form, WeightedKV's fold weights), the most tokens
+  one step merged or dropped in one row and KV head, and the most slots one merge joined.
 
 The extra last slot is a trash slot: padding and tokens superseded within their own chunk are
 written there with position ``-1``, which keeps every write a static-shape ``index_put_``.
@@ -52,10 +54,38 @@ class LayerCache(nn.Module):
             self.v = torch.zeros_like(self.k)
             for name, (state_dtype, _) in self.slot_state.items():
                 setattr(self, name, torch.empty(shape, dtype=state_dtype, device=device))
-            self.merge_stats = torch.zeros(2, dtype=torch.float64, device=device)
+            self.merge_stats = torch.zeros(4, dtype=torch.float64, device=device)
         for name, (_, fill) in self.slot_state.items():
             getattr(self, name).fill_(fill)
         self.merge_stats.zero_()
+
+    def record_event(self, count: Tensor, joined: Tensor | int = 0) -> None:
+        """Keep the largest ``count [B, H]`` of tokens one step merged or dropped, and the
+        largest number of slots one merge ``joined`` (``merge_stats[2:]``)."""
+        most = torch.stack([count.max().double(), torch.as_tensor(joined).max().double()])
+        self.merge_stats[2:] = torch.maximum(self.merge_stats[2:], most)
+
+    def diagnostics(self) -> dict[str, float]:
+        """What would reveal a degenerate regime: occupancy, the largest slots, merge counts.
+
+        ``occupied``: the most slots in use in one row and KV head; ``largest_slot`` and
+        ``p99_slot``: the largest cardinality (tokens in one slot) and its 99th percentile over
+        the occupied slots; ``merged``, ``fallbacks``, ``most_per_step``, ``most_joined``: as
+        ``merge_stats``.
+        """
+        C = self.capacity
+        occupied = self.pos[:, :, :C] >= 0
+        cards = self.logc[:, :, :C].exp()[occupied].double()
+        stats = self.merge_stats.tolist()
+        return {
+            "occupied": int(occupied.sum(-1).max()) if C else 0,
+            "largest_slot": float(cards.max()) if cards.numel() else 0.0,
+            "p99_slot": float(cards.quantile(0.99)) if cards.numel() else 0.0,
+            "merged": stats[0],
+            "fallbacks": stats[1],
+            "most_per_step": stats[2],
+            "most_joined": stats[3],
+        }
 
     def nbytes(self) -> int:
         """Bytes of the ``capacity`` slots (K, V and per-slot state; the trash slot excluded)."""

@@ -95,6 +95,11 @@ class KVSlimModel(nn.Module):
             fills |= {id(buf): 0 for buf in layer.buffers() if id(buf) not in fills}
         return {n: (b, fills[id(b)]) for n, b in self.named_buffers() if id(b) in fills}
 
+    def diagnostics(self) -> list[dict[str, float]]:
+        """Per layer, what would reveal a degenerate cache: occupancy, the largest slots and the
+        merge counts (:meth:`~kvslim_fx.cache.LayerCache.diagnostics`). Reads the device."""
+        return [layer.diagnostics() for layer in self.layers]
+
     def cache_bytes(self) -> int:
         """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""
         return sum(layer.nbytes() for layer in self.layers)

@@ -9,6 +9,7 @@ import math
 import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import hf_model, kv_model, table_rows
 from tiny_text import BOOKS, char_tokenizer
@@ -289,3 +290,35 @@ def test_bad_budgets_and_tasks_are_usage_errors(quality, capsys):
         with pytest.raises(SystemExit):
             quality.parse_args(argv)
     assert "--tasks are comma-separated" in capsys.readouterr().err
+
+
+def test_perplexity_table_pairs_each_method_with_streaming_and_shows_the_largest_slots(
+    quality, tmp_path
+):
+    out = tmp_path / "q"
+    argv = ["--context", "60", "--continuation", "8", "--windows", "3", "--tasks", "perplexity"]
+    argv += ["--methods", "streaming,kvslimmer", "--budgets", "24", "--out", str(out)]
+    assert quality.main(argv) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"].values()
+    ppl = {(c["method"], c["window"]): c["perplexity"] for c in cells}
+    diffs = pd.Series([math.log(ppl["kvslimmer", w] / ppl["streaming", w]) for w in range(3)])
+    mean, low, high = quality.paired_interval(diffs)
+    assert low <= mean <= high and mean == pytest.approx(diffs.mean())
+    # 60 tokens in 24 slots: after the prompt some slot holds several tokens.
+    slim = [c["diagnostics"] for c in cells if c["method"] == "kvslimmer"]
+    largest = max(layer["largest_slot"] for d in slim for layer in d["prompt"])  # over windows
+    assert largest > 1 and all(len(d[when]) == 2 for d in slim for when in ("prompt", "end"))
+    head, *rows = table_rows(out.with_suffix(".md").read_text().split("## Continuation")[1])
+    by_method = {row[0]: dict(zip(head, row, strict=True)) for row in rows}
+    low, mean, high = (100 * math.expm1(x) for x in (low, mean, high))
+    ci = f"{mean:+.2f}% [{low:+.2f}, {high:+.2f}]"
+    assert by_method["kvslimmer"]["vs streaming (95 % CI)"] == ci
+    assert by_method["streaming"]["vs streaming (95 % CI)"] == "+0.00% [+0.00, +0.00]"
+    assert by_method["kvslimmer"]["largest slot (p99): prompt → end"].startswith(f"{largest:.0f} (")
+
+
+def test_paired_interval_is_the_bootstrap_of_the_mean(quality):
+    assert quality.paired_interval(pd.Series([0.5, 0.5, 0.5])) == (0.5, 0.5, 0.5)
+    assert quality.paired_interval(pd.Series([1.0])) is None  # one window: no interval
+    mean, low, high = quality.paired_interval(pd.Series([0.0, 1.0, 2.0, 3.0]))
+    assert mean == 1.5 and 0.0 <= low < 1.5 < high <= 3.0

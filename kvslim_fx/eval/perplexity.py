@@ -82,6 +82,7 @@ def continuation_nll(
     window: Tensor,
     context: int,
     timings: dict[str, float] | None = None,
+    diagnostics: dict[str, list] | None = None,
 ) -> Tensor:
     """Per-token negative log-likelihood ``[N - context]`` (float32) of ``window [1, N]``'s tail.
 
@@ -91,7 +92,9 @@ def continuation_nll(
     generation. Token ``context + j`` is predicted by the logits of token ``context + j - 1``
     (the first one by the last prefill logit); the last token is never fed.
 
-    ``timings``, if given, receives ``prefill_s`` and ``decode_s`` (wall seconds).
+    ``timings``, if given, receives ``prefill_s`` and ``decode_s`` (wall seconds);
+    ``diagnostics`` receives the model's per-layer ``diagnostics()`` after the prompt
+    (``"prompt"``) and at the end (``"end"``), where the model has them.
     """
     if window.dim() != 2 or window.shape[0] != 1:
         raise ValueError(f"window must be [1, N], got {tuple(window.shape)}")
@@ -109,7 +112,11 @@ def continuation_nll(
     for begin in range(0, context, step):
         last = model(window[:, begin : min(begin + step, context)])[:, -1]
     prefill_s = time.perf_counter() - start
+    report = getattr(model, "diagnostics", None) if diagnostics is not None else None
+    if report is not None:
+        diagnostics["prompt"] = report()
 
+    start = time.perf_counter()
     nll = []
     for t in range(context, N):
         # float32 log_softmax: a bf16 model's logits would lose the NLL's small differences.
@@ -117,9 +124,12 @@ def continuation_nll(
         nll.append(-logp[0, window[0, t]])
         if t + 1 < N:
             last = model(window[:, t : t + 1])[:, -1]
+    decode_s = time.perf_counter() - start
+    if report is not None:
+        diagnostics["end"] = report()
     if timings is not None:
         timings["prefill_s"] = prefill_s
-        timings["decode_s"] = time.perf_counter() - start - prefill_s
+        timings["decode_s"] = decode_s
     return torch.stack(nll).cpu()
 
 

@@ -242,6 +242,7 @@ class KVSlimmer(Method):
         )  # fmt: skip
         cache.merge_stats[0] += do.sum().double()
         cache.merge_stats[1] += fallback.sum().double()
+        cache.record_event(do.long(), 2 * do.long())
 
     def _merge(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
@@ -281,3 +282,4 @@ class KVSlimmer(Method):
         store("pos", merged.pos, -1)
         cache.merge_stats[0] += survivor.sum().double()
         cache.merge_stats[1] += (survivor & merged.fallback).sum().double()
+        cache.record_event(gone.sum(-1), torch.where(survivor, merged.members, 0))

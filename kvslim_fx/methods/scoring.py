@@ -201,6 +201,7 @@ class ScoreMethod(Method):
             state.index_put_((rows, heads, slot), lifetime[name][..., C])
         cache.merge_stats[0] += (drop >= 0).sum().double()
         cache.merge_stats[1] += fallback.sum().double()
+        cache.record_event((drop >= 0).long())
 
     def _evict(
         self,
@@ -236,6 +237,7 @@ class ScoreMethod(Method):
         for name in self.accumulators:
             getattr(cache, name)[:, :, :C] = torch.where(gone, 0.0, lifetime[name][..., :C])
         cache.merge_stats[0] += drop.sum().double()
+        cache.record_event(drop.sum(-1))
         kept_pos = torch.where(dropped[..., C:], -1, kv_pos[:, None, :].expand(B, H, L))
         state = {name: lifetime[name][..., C:] for name in self.accumulators}
         cache.write_free(k, v, kept_pos, state)
