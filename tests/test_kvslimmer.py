@@ -200,3 +200,44 @@ def test_options_are_checked():
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32, sink=32)
     with pytest.raises(KVSlimError, match=r"merge_fraction must lie in \(0, 0.5\]"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, merge_fraction=0.75)
+
+
+def _reference_proxy(probs, card, values, sink):
+    """A port of the reference code's Hessian proxy (``build_hessian_proxy_from_ratio``), with
+    the paper's L2 norm in place of its L1: ``probs [B, H_q, Q, T]`` (per-token probabilities of
+    the chunk's queries over the cached slots), ``card [B, H_kv, T]``, value sums
+    ``values [B, H_kv, T, D]``."""
+    B, Hkv, T, _ = values.shape
+    mass = probs.sum(-2).view(B, Hkv, -1, T).mean(2)  # over queries, then a KV group's heads
+    a = mass[..., sink:] * card[..., sink:]
+    alpha = a / a.sum(-1, keepdim=True)
+    out = (alpha[..., None] * values[..., sink:, :]).sum(2)
+    dev = (values[..., sink:, :] - out[:, :, None]).norm(dim=-1)
+    h = torch.zeros(B, Hkv, T, dtype=values.dtype)
+    h[..., sink:] = alpha * (1 - 2 * alpha) * dev
+    return h
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    T=st.integers(3, 24),
+    sink=st.integers(0, 2),
+    G=st.sampled_from([1, 2, 3]),
+    Q=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_hessian_proxy_is_normalised_like_the_reference(T, sink, G, Q, seed):
+    """Single-token slots (value sums = means): the proxy equals the reference's, with the
+    attention renormalised over the non-sink slots."""
+    from kvslim_fx.methods.kvslimmer import middle_hessian
+
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, D = 2, 2, 5
+    probs = torch.randn(B, Hkv * G, Q, T, generator=g, dtype=torch.float64).softmax(-1)
+    values = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
+    # What the attention op reports: mass summed over queries and heads, per query row.
+    prob = probs.sum(-2).view(B, Hkv, G, T).sum(2) / (Q * G)
+    middle = torch.arange(T) >= sink
+    _, _, h = middle_hessian(prob, middle.expand(B, Hkv, T), values)
+    ref = _reference_proxy(probs, torch.ones(B, Hkv, T, dtype=torch.float64), values, sink)
+    torch.testing.assert_close(h, ref)

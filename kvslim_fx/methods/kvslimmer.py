@@ -59,6 +59,24 @@ def _sixteenth(slots: int) -> int:
     return min(32, max(1, slots // 16))
 
 
+def middle_hessian(prob: Tensor, middle: Tensor, means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The Hessian proxy of the attention output restricted to the ``middle`` (non-sink) slots,
+    with the attention renormalised over them, as the reference code normalises it.
+
+    Args:
+        prob: ``[B, H_kv, C]`` attention probability of each slot (mean over the step's queries).
+        middle: ``[B, H_kv, C]`` bool, the occupied slots outside the sinks.
+        means: ``[B, H_kv, C, D]`` the slots' mean values.
+    Returns:
+        ``alpha [B, H_kv, C]`` (zero outside ``middle``, summing to 1 over it), the restricted
+        output ``o = Σ α_j m_j`` ``[B, H_kv, 1, D]`` and ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂``.
+    """
+    alpha = torch.where(middle, prob, 0)
+    alpha = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
+    out = (alpha[..., None] * means).sum(2, keepdim=True)
+    return alpha, out, hessian_proxy(alpha, means, out)
+
+
 def _alternate_below(edge: Tensor, t: Tensor) -> Tensor:
     """Every other edge, from the first, of each run of consecutive edges costing ``<= t``."""
     cheap = (edge <= t[..., None]) & torch.isfinite(edge)
@@ -190,14 +208,8 @@ class KVSlimmer(Method):
         # attention uses, so that a slot of many tokens is as costly to merge as they are.
         score_now = prob * (logc - self.attention_logc(logc)).exp()
 
-        # Hessian proxy of the attention output restricted to the non-sink slots, with the
-        # attention renormalised over them (the reference's normalisation).
-        middle = pos >= self.sink_for(C)
-        alpha = torch.where(middle, prob, 0)
-        alpha = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
         means = cache.v[:, :, :C].float()
-        out = (alpha[..., None] * means).sum(2, keepdim=True)  # [B, H, 1, D]
-        h_now = hessian_proxy(alpha, means, out)
+        alpha, out, h_now = middle_hessian(prob, pos >= self.sink_for(C), means)
 
         lived = (pos >= 0) & (count > 0)
         steps = cache.steps[:, :, :C] + lived
