@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     # Must be set before triton is first imported (kvslim_fx.kernels imports it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# Property tests draw fresh examples on every run; a failure prints the blob that replays it
+# (@reproduce_failure) besides the falsifying example, and no draw has a deadline (the first call
+# of a model builds it). Another profile can be chosen with --hypothesis-profile.
+settings.register_profile("kvslim", print_blob=True, deadline=None)
+settings.load_profile("kvslim")
