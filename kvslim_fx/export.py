@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .errors import KVSlimError
 from .generate import _core, generate
-from .model import KVSlimModel, _new_token_mask
+from .model import KVSlimModel, _new_token_mask, check_shapes, check_vocab
 
 FORMAT = "kvslim_fx/2"
 
@@ -93,6 +93,7 @@ def export(
         "device": str(core.device),
         "eos_token_id": core.eos_token_id,
         "pad_token_id": core.pad_token_id,
+        "vocab_size": core.vocab_size,
         "state": state,
     }
     core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
@@ -118,6 +119,8 @@ class Runner:
         self.device = torch.device(meta["device"])
         self.eos_token_id = meta["eos_token_id"]
         self.pad_token_id = meta["pad_token_id"]
+        # Packages written before the key existed leave token ids unchecked.
+        self.vocab_size = meta.get("vocab_size")
         # The runner owns the cache: the compiled step mutates these tensors in place.
         self.state = {
             name: (torch.full(shape, fill, dtype=getattr(torch, dtype), device=self.device), fill)
@@ -145,9 +148,12 @@ class Runner:
             tensor.fill_(fill)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        check_shapes(input_ids, attention_mask)
         valid = _new_token_mask(input_ids, attention_mask)
         if input_ids.dtype != torch.long:
             raise KVSlimError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        # The compiled step would read outside its embedding table.
+        check_vocab(input_ids, self.vocab_size)
         # The compiled step assumes contiguous inputs; a column slice of a prompt is not.
         logits = [
             self._package(

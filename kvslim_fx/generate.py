@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .errors import KVSlimError
+from .model import check_shapes, check_vocab
 
 
 def _core(model):
@@ -39,8 +40,19 @@ def generate(
     model's generation config, as in HF (pad falls back to the first EOS id).
     """
     core = _core(model)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise KVSlimError("input_ids must be a [batch, length] tensor of token ids")
+    check_shapes(input_ids, None)
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        got = f"a {type(attention_mask).__name__}"
+        if isinstance(attention_mask, Tensor):
+            got = f"shape {tuple(attention_mask.shape)}"
+        raise KVSlimError(
+            f"attention_mask has {got} but input_ids {tuple(input_ids.shape)}: generate takes "
+            "the prompt's mask, one entry per token (1 = token, 0 = padding)"
+        )
+    # The model checks its ids too, but not once compiled: the prompt is checked here.
+    check_vocab(input_ids, getattr(core, "vocab_size", None))
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)

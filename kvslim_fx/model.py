@@ -37,6 +37,8 @@ class KVSlimModel(nn.Module):
         # generate()'s defaults, as HF takes them from the model's generation config.
         self.eos_token_id: int | list[int] | None = None
         self.pad_token_id: int | None = None
+        # Token ids the input embedding can look up (its rows; None: unchecked).
+        self.vocab_size: int | None = None
         # [B] real (non-pad) tokens seen so far per row = the next token's position.
         self.register_buffer("seen", torch.zeros(0, dtype=torch.long), persistent=False)
         # A plain tuple, not a ModuleList: the caches are already submodules of the graph.
@@ -117,6 +119,8 @@ class KVSlimModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``input_ids [B, L]``, ``attention_mask [B, L]`` or ``[B, past + L]`` → ``[B, L, V]``."""
+        if not torch.compiler.is_compiling():
+            check_shapes(input_ids, attention_mask)
         L = input_ids.shape[1]
         valid = _new_token_mask(input_ids, attention_mask)
         if not torch.compiler.is_compiling():
@@ -147,6 +151,7 @@ class KVSlimModel(nn.Module):
                 f"input_ids are on {input_ids.device} but the model is on {self.device}; "
                 f"move them with input_ids.to('{self.device}')"
             )
+        check_vocab(input_ids, self.vocab_size)
         B = input_ids.shape[0]
         if self.seen.shape != (B,) or self.layers[0].layout is None:
             if self.seen.numel() and int(self.seen.max()) > 0:
@@ -167,6 +172,67 @@ class KVSlimModel(nn.Module):
                     f"the cache holds {layer.capacity} tokens and the sequence would reach {end}; "
                     f"call model.reset(max_length=...) with a larger max_length"
                 )
+
+
+def check_shapes(input_ids, attention_mask) -> None:
+    """``input_ids [B, L]`` with at least one token; ``attention_mask [B, L]`` or ``[B, past + L]``.
+
+    Host-side: the model runs it in eager mode only, the package runner and ``generate`` always.
+    """
+    if not isinstance(input_ids, Tensor):
+        raise KVSlimError(
+            f"input_ids must be a [batch, length] tensor of token ids, got a "
+            f"{type(input_ids).__name__}; build it with torch.tensor([ids])"
+        )
+    if input_ids.dim() != 2:
+        hint = "; add the batch dimension: input_ids[None]" if input_ids.dim() == 1 else ""
+        raise KVSlimError(
+            "input_ids must be a [batch, length] tensor of token ids, got shape "
+            f"{tuple(input_ids.shape)}{hint}"
+        )
+    if input_ids.shape[1] == 0:
+        raise KVSlimError(
+            f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)}): "
+            "pass at least one token"
+        )
+    if input_ids.shape[0] == 0:
+        raise KVSlimError(
+            f"input_ids has no rows (shape {tuple(input_ids.shape)}): pass at least one prompt"
+        )
+    if attention_mask is None:
+        return
+    B, L = input_ids.shape
+    if not isinstance(attention_mask, Tensor):
+        raise KVSlimError(
+            f"attention_mask must be a tensor (1 = token, 0 = padding), got a "
+            f"{type(attention_mask).__name__}"
+        )
+    shape = tuple(attention_mask.shape)
+    if len(shape) != 2 or shape[0] != B or shape[1] < L:
+        raise KVSlimError(
+            f"attention_mask has shape {shape} but input_ids {(B, L)}: pass the mask of the "
+            "whole sequence [batch, past + length] or of the new tokens [batch, length]"
+        )
+
+
+def check_vocab(input_ids: Tensor, vocab_size: int | None) -> None:
+    """Every token id must index the input embedding (``vocab_size`` rows; None: unchecked).
+
+    Ids of another dtype or on the meta device are left to the dtype and device checks.
+    """
+    if vocab_size is None or input_ids.is_meta or input_ids.dtype not in (torch.long, torch.int32):
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        hint = (
+            "; padding needs a real token id (e.g. the pad token), masked out by attention_mask"
+            if bad < 0
+            else "; encode the prompt with this model's tokenizer"
+        )
+        raise KVSlimError(
+            f"token id {bad} is outside the model's vocabulary (ids 0..{vocab_size - 1}){hint}"
+        )
 
 
 def _new_token_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -82,6 +82,7 @@ def transform(
     generation = getattr(model, "generation_config", None)
     result.eos_token_id = getattr(generation, "eos_token_id", None)
     result.pad_token_id = getattr(generation, "pad_token_id", None)
+    result.vocab_size = _vocab_size(model)
     return result
 
 
@@ -114,6 +115,16 @@ def _sdpa_attention(model: nn.Module, arch: str):
         model.train(was_training)
         if before is not None and before != "sdpa":
             model.set_attn_implementation(before)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The token ids the model can look up: its input embedding's rows, which some models pad
+    past ``config.vocab_size``; the config's figure where the embedding cannot be found."""
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return int(weight.shape[0])
+    return getattr(model.config, "vocab_size", None)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -16,3 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# Property tests draw fresh examples on every run; a failure prints the blob that replays it
+# (@reproduce_failure) besides the falsifying example, and no draw has a deadline (the first call
+# of a model builds it). Another profile can be chosen with --hypothesis-profile.
+settings.register_profile("kvslim", print_blob=True, deadline=None)
+settings.load_profile("kvslim")

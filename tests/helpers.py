@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import torch
 from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, tiny_model
@@ -18,6 +19,31 @@ def hf_model(arch: str):
 @functools.cache
 def kv_model(arch: str, method: str = "full", budget=None, chunk_size: int = 64, **options):
     return kvslim_fx.transform(hf_model(arch), method, budget, chunk_size=chunk_size, **options)
+
+
+# HF model → its torch.export trace (see transform_reusing_trace).
+_TRACES: dict = {}
+
+
+def transform_reusing_trace(hf, method: str = "full", budget=None, *, chunk_size: int = 64,
+                            **options):  # fmt: skip
+    """``kvslim_fx.transform(hf, method, budget, ...)`` with ``hf``'s ``torch.export`` trace reused.
+
+    The trace depends on the HF model alone (not on the method, budget, options or chunk size)
+    and is most of ``transform``'s time (seconds), so a property can build a model per drawn
+    example. The rest of ``transform`` runs as it does for a user: the method and its checks,
+    ``ExportedProgram.module()`` (a fresh deep copy of the graph each call), the rewrite, the
+    caches.
+    """
+    export = torch.export.export
+
+    def traced(model, *args, **kwargs):
+        if model not in _TRACES:
+            _TRACES[model] = export(model, *args, **kwargs)
+        return _TRACES[model]
+
+    with mock.patch.object(torch.export, "export", traced):
+        return kvslim_fx.transform(hf, method, budget, chunk_size=chunk_size, **options)
 
 
 def prompts(batch: int, length: int, pads: list[int] | None = None, seed: int = 0):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_model, kv_model, prompts
-from tiny_models import tiny_config
+from helpers import hf_model, kv_model, prompts, transform_reusing_trace
+from tiny_models import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 import kvslim_fx
 from kvslim_fx import KVSlimError
+from kvslim_fx.export import Runner
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -98,7 +99,7 @@ def test_input_ids_dtype_device_and_mask_shape():
         model(ids.float())
     with pytest.raises(KVSlimError, match="are on meta but the model is on cpu"):
         model(ids.to("meta"))
-    with pytest.raises(KVSlimError, match=r"attention_mask must be \[batch, length\]"):
+    with pytest.raises(KVSlimError, match=r"attention_mask has shape \(8,\) but input_ids"):
         model(ids, mask[0])
     with pytest.raises(KVSlimError, match="input_ids must be a"):
         kvslim_fx.generate(model, ids[0])
@@ -124,3 +125,83 @@ def test_unsupported_graph_names_the_architecture_and_node():
     gm = torch.export.export(NoAttention(), (torch.ones(2),)).module()
     with pytest.raises(GraphRewriteError, match="llama: the exported graph has no"):
         replace_sdpa(gm, tiny_config("llama"), lambda site: torch.nn.Identity())
+
+
+# --- Inputs that used to end in a raw error from deep inside torch -----------------------------
+
+
+def runner(batch: int = 2) -> Runner:
+    """A package runner whose compiled step must never run: its checks refuse the input first."""
+
+    def step(*args):
+        raise AssertionError("the compiled step ran on bad input")
+
+    meta = {"chunk_size": 4, "batch_size": batch, "device": "cpu", "eos_token_id": None,
+            "pad_token_id": None, "state": [], "vocab_size": 128, "capacity": None,
+            "max_positions": 512}  # fmt: skip
+    return Runner(step, meta)
+
+
+def refused(ids, mask, message: str, generate_message: str | None = None) -> None:
+    """``ids``/``mask`` get a KVSlimError matching ``message`` from the model, ``generate`` (on
+    the model and on a package runner) and the runner itself."""
+    model = kv_model("llama")
+    model.reset(batch_size=2, max_length=64)
+    for call in (
+        lambda: model(ids, mask),
+        lambda: runner()(ids, mask),
+    ):
+        with pytest.raises(KVSlimError, match=message):
+            call()
+    for target in (model, runner()):
+        with pytest.raises(KVSlimError, match=generate_message or message):
+            kvslim_fx.generate(target, ids, mask, max_new_tokens=2)
+
+
+def test_input_ids_of_three_dimensions():
+    ids, _ = prompts(2, 8)
+    refused(ids[None], None, r"input_ids must be a \[batch, length\] tensor .* shape \(1, 2, 8\)")
+
+
+def test_token_id_beyond_the_vocabulary():
+    ids, mask = prompts(2, 8)
+    ids[1, 5] = 128
+    refused(ids, mask, r"token id 128 is outside the model's vocabulary \(ids 0\.\.127\)")
+
+
+def test_negative_token_id():
+    ids, mask = prompts(2, 8, [0, 3])
+    ids[mask == 0] = -1  # padding filled with -1 instead of a pad token
+    refused(ids, mask, r"token id -1 is outside the model's vocabulary.*pad token")
+
+
+def test_attention_mask_of_another_length():
+    ids, mask = prompts(2, 8)
+    refused(
+        ids, mask[:, 1:],
+        r"attention_mask has shape \(2, 7\) but input_ids \(2, 8\): pass the mask of the whole "
+        r"sequence \[batch, past \+ length\] or of the new tokens \[batch, length\]",
+        r"attention_mask has shape \(2, 7\) but input_ids \(2, 8\): generate takes the "
+        r"prompt's mask",
+    )  # fmt: skip
+    # A longer mask is the whole sequence's for a call; for generate it is a wrong mask.
+    with pytest.raises(KVSlimError, match=r"shape \(2, 9\) but input_ids \(2, 8\)"):
+        kvslim_fx.generate(kv_model("llama"), ids, torch.ones(2, 9, dtype=torch.long))
+
+
+def test_empty_prompt():
+    ids, mask = prompts(2, 8)
+    refused(ids[:, :0], mask[:, :0], r"the prompt is empty .*\(2, 0\).*pass at least one token")
+    refused(ids[:0], mask[:0], r"input_ids has no rows .*\(0, 8\).*pass at least one prompt")
+
+
+def test_the_vocabulary_is_the_input_embeddings_rows():
+    # Some models pad their embedding past config.vocab_size: every row is a valid id.
+    hf = tiny_model("llama")
+    hf.config.vocab_size = 100
+    model = transform_reusing_trace(hf)
+    assert model.vocab_size == 128
+    ids = torch.tensor([[3, 120, 127]])
+    assert model(ids).shape == (1, 3, 128)
+    with pytest.raises(KVSlimError, match=r"ids 0\.\.127"):
+        model(torch.tensor([[3, 128]]))

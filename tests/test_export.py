@@ -33,6 +33,7 @@ def test_package_generates_the_eager_tokens(package):
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[])
     runner = kvslim_fx.load(path)
     assert runner.meta["method"] == model.method.name
+    assert runner.meta["vocab_size"] == 128  # the runner refuses ids outside its embedding
     model.reset(batch_size=batch, max_length=160)
     assert runner.meta["cache_bytes"] == model.cache_bytes()
     first = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])

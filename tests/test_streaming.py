@@ -29,47 +29,6 @@ def test_capacity_above_sequence_is_exactly_full(arch):
     assert torch.equal(full, streaming)
 
 
-def kept_positions(layer, row: int, head: int) -> list[int]:
-    pos = layer.pos[row, head, : layer.capacity]
-    return sorted(p for p in pos.tolist() if p >= 0)
-
-
-@settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    budget=st.integers(6, 40),
-    sink=st.integers(0, 5),
-    length=st.integers(1, 120),
-    chunk=st.sampled_from([1, 7, 16, 64]),
-)
-def test_cache_holds_sinks_and_most_recent_tokens(budget, sink, length, chunk):
-    arch = "gemma3_text"  # sliding layers (window 16) and a global layer
-    model = kv_model(arch, "streaming", budget, chunk_size=chunk, sink=sink)
-    full = kv_model(arch, "full", chunk_size=chunk)
-    ids, mask = prompts(2, length, [0, min(3, length - 1)], seed=budget)
-    feed(model, ids, mask, chunk)
-    feed(full, ids, mask, chunk)
-    real = mask.sum(1).tolist()
-    for layer, reference in zip(model.layers, full.layers, strict=True):
-        assert int((layer.pos[:, :, : layer.capacity] >= 0).sum(-1).max()) <= layer.capacity
-        window = layer.site.window
-        for row, n in enumerate(real):
-            if window and window <= budget - sink:
-                expected = list(range(max(0, n - window), n))
-            else:
-                recent = budget - sink
-                expected = sorted(set(range(min(sink, n))) | set(range(max(0, n - recent), n)))
-            assert kept_positions(layer, row, 0) == expected
-        if layer.site.layer == 0:
-            # Layer 0's keys depend on the tokens alone: they must equal the full cache's (whose
-            # sliding-window ring holds the last 16 positions).
-            for row in range(2):
-                for slot, p in enumerate(layer.pos[row, 0, : layer.capacity].tolist()):
-                    ref_slot = (reference.pos[row, 0] == p).nonzero().flatten()
-                    if p >= 0 and ref_slot.numel():
-                        ref = reference.k[row, :, int(ref_slot[0])]
-                        assert torch.equal(layer.k[row, :, slot], ref)
-
-
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(budget=st.integers(8, 40), chunk=st.sampled_from([3, 16, 64]), length=st.integers(2, 100))
 def test_chunked_prefill_equals_one_token_at_a_time(budget, chunk, length):

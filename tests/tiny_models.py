@@ -133,23 +133,30 @@ _ARCH_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_config(arch: str) -> PretrainedConfig:
-    """Return the tiny config for ``arch`` (one of :data:`ARCHS`), with SDPA attention."""
+def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
+    """Return the tiny config for ``arch`` (one of :data:`ARCHS`), with SDPA attention.
+
+    ``overrides`` replace config fields (e.g. ``max_position_embeddings=10_240`` for a test that
+    generates past the usual 512 positions).
+    """
     if arch not in _ARCH_KWARGS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     kwargs = {key: list(v) if isinstance(v, list) else v for key, v in _ARCH_KWARGS[arch].items()}
+    kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
     config._attn_implementation = "sdpa"
     return config
 
 
-def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Build the tiny random-init causal LM for ``arch`` in eval mode.
+def tiny_model(
+    arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> PreTrainedModel:
+    """Build the tiny random-init causal LM for ``arch`` in eval mode; ``overrides`` as in config.
 
     Initialisation is seeded with ``seed`` inside a forked RNG, so two calls with the same
     arguments give identical weights and the global RNG state is not changed.
     """
-    config = tiny_config(arch)
+    config = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
