@@ -78,19 +78,30 @@ def smallest_budget(name: str, options: dict, length: int) -> int:
     """The smallest budget ``name`` accepts, from its documented rules.
 
     ``full``: one slot per token of the sequence. Every other budget counts the sinks and must
-    exceed them. Score methods also need room for their recent window (SnapKV's observation
-    window, 32 by default); KVSlimmer frees at most ``budget - sink - recent - 1`` slots per step
-    (docs/design.md), so it needs ``sink + recent + 2`` (66 with its defaults).
+    exceed them, and a budget that covers the sequence (``length`` tokens) never compresses, so
+    it needs nothing more. To compress, score methods also need room for their recent window
+    (SnapKV's observation window, 32 by default); KVSlimmer merges at most a quarter of its
+    ``budget - sink - recent - 1`` mergeable pairs per step and needs one (sink and recent
+    default to a sixteenth of the budget, 1 to 32: 7 slots with the defaults).
     """
     if name == "full":
         return length
-    sink = options.get("sink", METHODS[name].default_sink)
+    sink = options.get("sink", METHODS[name].default_sink) or 0
     if name == "streaming":
         return sink + 1
     if name == "kvslimmer":
-        return sink + options.get("recent", 32) + 2
-    recent = options.get("window", 32) if name == "snapkv" else options.get("recent", 0)
-    return sink + max(1, recent)
+
+        def protected(b: int, option: str) -> int:
+            return options.get(option, min(32, max(1, b // 16)))
+
+        compressing = next(
+            b for b in range(sink + 1, 10**4)
+            if b - protected(b, "sink") - protected(b, "recent") >= 5
+        )  # fmt: skip
+    else:
+        recent = options.get("window", 32) if name == "snapkv" else options.get("recent", 0)
+        compressing = sink + max(1, recent)
+    return min(compressing, max(length, sink + 1))
 
 
 @st.composite
@@ -184,14 +195,20 @@ def model_for(case, name=None, budget="case", chunk=None, dtype=torch.float32):
 @given(case=cases(tuple(METHODS), "fitting"))
 def test_a_sequence_the_budget_covers_is_decoded_exactly_as_full(case):
     """Bit for bit against ``full`` with the same budget and chunk length: with nothing to
-    compress every method runs the same attention over the same slots. ``full`` without a budget
-    (more, empty, slots) and the HF model take other code paths: within 1e-5 (fp32)."""
+    compress every method runs the same attention over the same slots. Where a layer's cache has
+    another size than full's (StreamingLLM keeps sinks + a ring on a sliding layer whose window
+    exceeds its ring; full keeps the window), the attention sums over other (empty) slots: within
+    1e-6. ``full`` without a budget (more, empty, slots) and the HF model: within 1e-5 (fp32)."""
     ids, mask = tokens(case)
     model = model_for(case)
     got = run(model, case, ids, mask)
     chunk = model.chunk_size  # KVSlimmer may split chunks to what its budget can free
-    same = run(model_for(case, "full", case["budget"], chunk), case, ids, mask)
-    assert torch.equal(got, same)
+    reference = model_for(case, "full", case["budget"], chunk)
+    same = run(reference, case, ids, mask)
+    if [a.capacity for a in model.layers] == [b.capacity for b in reference.layers]:
+        assert torch.equal(got, same)
+    else:
+        assert (got - same).abs().amax(-1)[mask.bool()].max() < 1e-6
     real = mask.bool()
     unbounded = run(model_for(case, "full", None, chunk), case, ids, mask)
     assert (got - unbounded).abs().amax(-1)[real].max() < 1e-5
@@ -251,7 +268,7 @@ def protected(case, method, layer) -> tuple[int, int]:
     if 0 < window <= budget:
         return 0, window
     if name == "kvslimmer":
-        return method.sink, method.recent
+        return method.sink_for(budget), method.recent_for(budget)
     return method.sink, method.recent_for(budget)
 
 

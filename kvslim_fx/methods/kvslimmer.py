@@ -226,7 +226,8 @@ class KVSlimmer(Method):
         # (An exported graph's step length is symbolic: it keeps the general path.)
         L = k.shape[2]
         merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
-        merge(cache, need, alpha, means, out)
+        if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)
+            merge(cache, need, alpha, means, out)
         cache.write_free(k, v, kv_pos, {})
 
     def _selection(self, cache) -> tuple:
