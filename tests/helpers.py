@@ -18,7 +18,7 @@ def hf_model(arch: str):
 
 @functools.cache
 def kv_model(arch: str, method: str = "full", budget=None, chunk_size: int = 64, **options):
-    return kvslim_fx.transform(hf_model(arch), method, budget, chunk_size=chunk_size, **options)
+    return transform_reusing_trace(hf_model(arch), method, budget, chunk_size=chunk_size, **options)
 
 
 # HF model → its torch.export trace (see transform_reusing_trace).

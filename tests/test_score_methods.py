@@ -98,7 +98,8 @@ def test_weightedkv_reproduces_the_paper_toy_example():
     assert toks == [3, 6, 7, 8]
     for tok, val in zip(toks, vals, strict=True):
         assert torch.allclose(cache.v[0, 0, slots[tok - 1]].double(), val, atol=1e-6)
-    assert cache.merge_stats.tolist() == [4.0, 0.0]
+    # 4 folds, no fallback, at most one per step, no merged run (WeightedKV keeps no cardinality).
+    assert cache.merge_stats.tolist() == [4.0, 0.0, 1.0, 0.0]
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
