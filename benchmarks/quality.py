@@ -267,6 +267,7 @@ def run_window(model, window: torch.Tensor, args: argparse.Namespace) -> dict:
         "mean_nll": float(nll.double().mean()),
         "perplexity": perplexity(nll),
         "cache_bytes": model.cache_bytes(),
+        "peak_cache_bytes": model.peak_cache_bytes,
         "full_cache_bytes": model.full_cache_bytes(args.context + args.continuation),
         "capacity": model.layers[0].capacity,
         "prefill_s": timings["prefill_s"],

@@ -32,7 +32,7 @@ from .registry import HAS_TRITON, kernel_op
 if HAS_TRITON:
     from .attention_triton import attend_triton
 
-__all__ = ["attend", "attend_reference", "attend_sdpa"]
+__all__ = ["attend", "attend_reference", "attend_sdpa", "window_mass"]
 
 
 def _visible(q_pos: Tensor, k_pos: Tensor, window: int, sink: int, recent: int) -> Tensor:
@@ -161,6 +161,41 @@ def attend_sdpa(
         for (keys, *_), bias in zip(parts, biases, strict=True)
     ]  # fmt: skip
     return out, torch.cat(mass, dim=2)
+
+
+def window_mass(
+    q: Tensor,
+    q_pos: Tensor,
+    cache_k: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    scale: float,
+    window: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The attention mass that queries already in the cache put on each cached slot.
+
+    What a question-aware compression scores by (SnapKV's observation window): the last queries
+    of a prompt, whose keys are cached too, attend over the cache alone. Plain PyTorch: it runs
+    once per prompt, not per step.
+
+    Args:
+        q: ``[B, H_q, W, D]`` the queries; ``q_pos [B, W]`` their positions (``-1`` = none).
+        cache_k: ``[B, H_kv, C, D]``; ``cache_logc``, ``cache_pos``: ``[B, H_kv, C]``.
+    Returns:
+        ``mass [B, H_kv, C]`` float32 (summed over the queries and the KV group's query heads)
+        and ``seen [B, H_kv, C]``: how many query rows could see each slot.
+    """
+    B, Hq, W, D = q.shape
+    Hkv = cache_k.shape[1]
+    G = Hq // Hkv
+    s = torch.einsum("bhgwd,bhcd->bhgwc", q.float().reshape(B, Hkv, G, W, D), cache_k.float())
+    s = s * scale + cache_logc.float()[:, :, None, None, :]
+    vis = _visible(q_pos[:, None, None, :, None], cache_pos[:, :, None, None, :], window, 0, 0)
+    s = s.masked_fill(~vis, float("-inf"))
+    top = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(top), top, 0))
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return p.sum(dim=(2, 3)), vis.expand(B, Hkv, G, W, -1).sum(dim=(2, 3)).float()
 
 
 def _dense_rows(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels import attention  # noqa: F401  (registers kvslim::attend)
+from .kernels.attention import window_mass  # (importing it registers kvslim::attend)
 from .methods import Method, SlotLayout
 from .passes.rope import RopeFacts
 from .passes.sdpa import AttentionSite
@@ -39,14 +39,35 @@ class LayerCache(nn.Module):
         self.slot_state = {**_BASE_STATE, **method.slot_state()}
         for name in ("k", "v", "merge_stats", *self.slot_state):
             self.register_buffer(name, torch.empty(0), persistent=False)
+        # The prompt's last queries [B, H_q, W, D] and their positions [B, W], kept while a
+        # question-aware prefill fills the cache (plain tensors: not part of the decode state).
+        self.window_q: Tensor | None = None
+        self.window_pos: Tensor | None = None
 
     @property
     def capacity(self) -> int:
         return 0 if self.layout is None else self.layout.capacity
 
-    def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Empty the cache, re-allocating only if its shape, dtype or device changes."""
+    def allocate(
+        self,
+        batch: int,
+        slots: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        observe: int = 0,
+    ) -> None:
+        """Empty the cache, re-allocating only if its shape, dtype or device changes.
+
+        ``observe > 0``: keep the last ``observe`` queries for :meth:`end_prompt`.
+        """
         self.layout = self.method.layout(slots, self.site.window)
+        if observe:
+            s = self.site
+            self.window_q = torch.zeros(batch, s.num_q_heads, observe, s.head_dim, dtype=dtype,
+                                        device=device)  # fmt: skip
+            self.window_pos = torch.full((batch, observe), -1, dtype=torch.long, device=device)
+        else:
+            self.window_q = self.window_pos = None
         s = self.site
         shape = (batch, s.num_kv_heads, self.layout.capacity + 1)
         if self.pos.shape != shape or self.k.dtype != dtype or self.k.device != device:
@@ -96,6 +117,10 @@ class LayerCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_pos: Tensor) -> Tensor:
         """``q [B, H_q, L, D]``, ``k, v [B, H_kv, L, D]``, ``kv_pos [B, L]`` → ``[B, H_q, L, D]``"""
         lay = self.layout
+        if self.window_q is not None:
+            W = self.window_q.shape[2]
+            self.window_q.copy_(torch.cat([self.window_q, q], dim=2)[:, :, -W:])
+            self.window_pos.copy_(torch.cat([self.window_pos, kv_pos], dim=1)[:, -W:])
         out, mass = torch.ops.kvslim.attend(
             q, k, v, self.k, self.v, self.method.attention_logc(self.logc), self.pos, kv_pos,
             self.site.scale, self.site.window, lay.sink, lay.recent, lay.merges,
@@ -105,6 +130,63 @@ class LayerCache(nn.Module):
         else:
             self.write_ring(k, v, kv_pos)
         return out
+
+    def window_mass(self) -> tuple[Tensor, Tensor]:
+        """The attention of the prompt's last queries over the cache: ``mass`` and ``seen``
+        ``[B, H_kv, C]`` (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
+        C = self.capacity
+        return window_mass(
+            self.window_q, self.window_pos, self.k[:, :, :C],
+            self.method.attention_logc(self.logc[:, :, :C]), self.pos[:, :, :C],
+            self.site.scale, self.site.window,
+        )  # fmt: skip
+
+    def end_prompt(self, slots: int) -> None:
+        """Compress a cache that holds the whole prompt to ``slots`` per layer, once, scored by
+        the prompt's last queries; then hold ``slots`` (the method's layout for them) from here.
+        """
+        self.method.compress_prompt(self, slots)
+        self.window_q = self.window_pos = None
+        layout = self.method.layout(slots, self.site.window)
+        if layout != self.layout:
+            self._compact(layout)
+
+    def _compact(self, layout: SlotLayout) -> None:
+        """Move the kept slots into buffers of ``layout``'s capacity (positions unchanged).
+
+        A ring layout places a token by its position (the ring overwrite keeps the newest, which
+        is StreamingLLM's eviction); a merging layout takes the occupied slots in position order.
+        """
+        C, N = self.capacity, layout.capacity
+        pos = self.pos[:, :, :C]
+        if layout.merges:
+            order = torch.where(pos >= 0, pos, torch.iinfo(pos.dtype).max).argsort(dim=-1)
+            source = order[..., :N]
+            keep = pos.gather(2, source) >= 0
+        else:
+            # A ring keeps its sinks and the newest `ring` tokens (StreamingLLM's eviction), each
+            # in the slot its position maps to.
+            sink, ring = layout.sink, layout.ring
+            newest = pos.amax(dim=-1, keepdim=True)
+            stays = (pos >= 0) & ((pos < sink) | (pos > newest - ring))
+            target = torch.where(stays, torch.where(pos < sink, pos, sink + (pos - sink) % ring), N)
+            slots = torch.arange(C, device=pos.device).expand_as(pos)
+            source = torch.zeros(*pos.shape[:2], N + 1, dtype=torch.long, device=pos.device)
+            source = source.scatter(2, target, slots)[..., :N]
+            keep = torch.zeros(*pos.shape[:2], N + 1, dtype=torch.bool, device=pos.device)
+            keep = keep.scatter(2, target, stays)[..., :N]
+        names, D = ("k", "v", *self.slot_state), self.site.head_dim
+        fills = {"k": 0.0, "v": 0.0} | {n: fill for n, (_, fill) in self.slot_state.items()}
+        for name in names:
+            old = getattr(self, name)
+            idx = source if old.dim() == 3 else source[..., None].expand(*source.shape, D)
+            kept = old[:, :, :C].gather(2, idx)
+            mask = keep if old.dim() == 3 else keep[..., None]
+            new = torch.full((*old.shape[:2], N + 1, *old.shape[3:]), fills[name], dtype=old.dtype,
+                             device=old.device)  # fmt: skip
+            new[:, :, :N] = torch.where(mask, kept, fills[name])
+            setattr(self, name, new)
+        self.layout = layout
 
     def write_ring(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
         """Store the new tokens by the layout's sink + ring rule (overwriting = evicting)."""

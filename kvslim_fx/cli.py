@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
         help="prefill prompts in chunks of N tokens (default: 512)",
     )
     common.add_argument(
+        "--prefill",
+        choices=["bounded", "full"],
+        default="bounded",
+        help="bounded: the cache never exceeds the budget (default); full: it holds the whole "
+        "prompt, then is compressed once to the budget by the prompt's last queries' attention "
+        "(question-aware; peak memory: the prompt's cache)",
+    )
+    common.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
@@ -239,18 +247,19 @@ def _generate(args: argparse.Namespace) -> int:
     new = sequences.shape[1] - prompt_len
     print(tokenizer.decode(sequences[0, prompt_len:], skip_special_tokens=True), flush=True)
 
-    prefill_calls = -(-prompt_len // core.chunk_size)  # generate()'s chunk loop
-    prefill_end = clock.stamps[prefill_calls - 1]
-    decode_steps = len(clock.stamps) - prefill_calls  # one per new token after the first
+    prefill_end = clock.prompt_end
+    decode_steps = len(clock.stamps) - clock.prompt_calls  # one per new token after the first
     decode_s = end - prefill_end
     speed = f"{decode_steps / decode_s:.1f} tokens/s" if decode_steps and decode_s > 0 else "n/a"
     kept, full = core.cache_bytes(), core.full_cache_bytes(prompt_len + new)
+    peak = core.peak_cache_bytes
     print(
         f"prompt tokens: {prompt_len}\n"
         f"new tokens: {new}\n"
         f"prefill: {prefill_end - start:.4f} s\n"
         f"decode: {decode_steps} tokens in {decode_s:.4f} s ({speed})\n"
-        f"cache bytes: {kept} kept / {full} full ({100 * kept / full:.1f}%)",
+        f"cache bytes: {kept} kept / {full} full ({100 * kept / full:.1f}%)"
+        + (f"; {peak} while reading the prompt" if peak > kept else ""),
         file=sys.stderr,
     )
     return 0
@@ -425,20 +434,31 @@ def _numbers(option: str, text: str, kind: type) -> list[Any]:
 class _Clock:
     """The model as generate() sees it, stamping the end of every forward.
 
-    generate() needs only the model protocol (``reset``, ``chunk_size``, eos/pad ids and the
-    call), so wrapping it splits one run into prefill and decode without running twice.
+    generate() needs only the model protocol (``reset``, ``chunk_size``, ``end_prompt``,
+    eos/pad ids and the call), so wrapping it splits one run into prefill (up to the end of
+    ``end_prompt``, which compresses a question-aware prompt) and decode without running twice.
     """
 
     def __init__(self, model: Any, core: Any) -> None:
         self.model = model
         self.core = core
-        self.chunk_size: int = core.chunk_size
         self.eos_token_id = core.eos_token_id
         self.pad_token_id = core.pad_token_id
         self.stamps: list[float] = []
+        self.prompt_calls = 0
+        self.prompt_end = 0.0
+
+    @property
+    def chunk_size(self) -> int:
+        return self.core.chunk_size
 
     def reset(self, **kwargs: Any) -> None:
         self.core.reset(**kwargs)
+
+    def end_prompt(self) -> None:
+        self.core.end_prompt()
+        self.prompt_calls = len(self.stamps)
+        self.prompt_end = time.perf_counter()
 
     def __call__(self, *args: Any) -> Any:
         out = self.model(*args)
@@ -461,6 +481,7 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method,
         "budget": budget,
         "chunk_size": args.chunk_size,
+        "prefill": args.prefill,
         **method_options,
     }
 

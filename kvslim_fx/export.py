@@ -60,6 +60,12 @@ def export(
         raise KVSlimError(
             f"export takes a model from kvslim_fx.transform, got {type(core).__name__}"
         )
+    if core.prefill != "bounded":
+        raise KVSlimError(
+            f"export packages prefill='bounded' models, this one has prefill={core.prefill!r} "
+            "(its end-of-prompt compression runs eagerly); transform with prefill='bounded' to "
+            "export"
+        )
     core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
     chunk = core.chunk_size
     example = torch.zeros(batch_size, min(chunk, 2), dtype=torch.long, device=core.device)
@@ -146,6 +152,9 @@ class Runner:
             )
         for tensor, fill in self.state.values():
             tensor.fill_(fill)
+
+    def end_prompt(self) -> None:
+        """Nothing to do: packages hold the budget while they read the prompt."""
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         check_shapes(input_ids, attention_mask)

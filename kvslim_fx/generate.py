@@ -79,6 +79,7 @@ def generate(
     chunk = core.chunk_size
     for i in range(0, P, chunk):
         logits = model(input_ids[:, i : i + chunk], attention_mask[:, i : i + chunk])
+    core.end_prompt()
     sequences = [input_ids]
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     step_mask = torch.ones(B, 1, dtype=attention_mask.dtype, device=input_ids.device)

@@ -8,6 +8,7 @@ from torch import Tensor, fx, nn
 from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import Method
+from .methods.base import round_capacity
 
 
 class KVSlimModel(nn.Module):
@@ -16,6 +17,12 @@ class KVSlimModel(nn.Module):
     ``model(input_ids, attention_mask)`` appends the tokens to the cache and returns their logits
     ``[B, L, vocab]``, like an HF model fed its ``past_key_values``; ``reset()`` empties the cache.
     Prompts longer than ``chunk_size`` are fed in chunks so memory stays bounded by the budget.
+
+    ``prefill="full"`` (question-aware): the cache grows to hold the whole prompt, and
+    :meth:`end_prompt` (which :func:`~kvslim_fx.generate` calls after the prompt) compresses it
+    once to the budget, scored by the prompt's last ``prefill_window`` queries; decoding then
+    holds the budget. ``"bounded"``: the cache never exceeds the budget (``end_prompt`` does
+    nothing).
     """
 
     def __init__(
@@ -25,6 +32,8 @@ class KVSlimModel(nn.Module):
         config,
         logits_index: int,
         chunk_size: int,
+        prefill: str = "bounded",
+        prefill_window: int = 64,
     ) -> None:
         super().__init__()
         self.graph = graph
@@ -33,6 +42,14 @@ class KVSlimModel(nn.Module):
         self.logits_index = logits_index
         self.requested_chunk = chunk_size
         self.chunk_size = chunk_size
+        self.prefill = prefill
+        self.prefill_window = prefill_window
+        # Set by reset(): the budget's slots per layer, the chunk length decoding allows, and
+        # whether the cache holds a whole prompt that end_prompt() has still to compress.
+        self.slots = 0
+        self.decode_chunk = chunk_size
+        self.prompt_pending = False
+        self.peak_cache_bytes = 0
         self.max_positions = _max_positions(config)
         # generate()'s defaults, as HF takes them from the model's generation config.
         self.eos_token_id: int | list[int] | None = None
@@ -63,8 +80,9 @@ class KVSlimModel(nn.Module):
         """Empty the cache for ``batch_size`` rows of up to ``max_length`` tokens.
 
         ``max_length`` sizes a ``full`` cache (default: the model's positions); ``prompt_len``
-        resolves a fractional budget. Buffers are reused when their shape does not change, so a
-        compiled model does not recompile across calls of the same shape.
+        resolves a fractional budget and, with ``prefill="full"``, sizes the cache that holds the
+        prompt (default: ``max_length``). Buffers are reused when their shape does not change,
+        so a compiled model does not recompile across calls of the same shape.
         """
         batch_size = batch_size or max(int(self.seen.shape[0]), 1)
         max_length = max_length or self.max_positions
@@ -75,19 +93,42 @@ class KVSlimModel(nn.Module):
             )
         slots = self.method.slots(prompt_len or max_length, max_length)
         # A cache that holds the whole sequence never compresses, so its chunks need no limit.
-        limit = None if max_length <= slots else self.method.max_chunk(slots)
+        fits = max_length <= slots
+        limit = None if fits else self.method.max_chunk(slots)
         if limit is not None and limit < 1:
             raise KVSlimError(
                 f"{self.method.name}: a budget of {slots} slots leaves no room to compress; "
                 "raise the budget or lower sink/recent"
             )
         # A merging cache frees at most `limit` slots per step: longer chunks are split.
-        self.chunk_size = min(self.requested_chunk, limit or self.requested_chunk)
+        self.decode_chunk = min(self.requested_chunk, limit or self.requested_chunk)
+        self.slots = slots
+        self.prompt_pending = self.prefill == "full" and not fits
+        held, observe = slots, 0
+        if self.prompt_pending:
+            held = max(slots, round_capacity(prompt_len or max_length))
+            observe = self.prefill_window
+        self.chunk_size = self.requested_chunk if self.prompt_pending else self.decode_chunk
         for layer in self.layers:
-            layer.allocate(batch_size, slots, self.dtype, self.device)
+            layer.allocate(batch_size, held, self.dtype, self.device, observe)
+        # The most the cache holds: the prompt's slots in "full" mode, else the budget's.
+        self.peak_cache_bytes = self.cache_bytes()
         if self.seen.shape != (batch_size,):
             self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.seen.zero_()
+
+    def end_prompt(self) -> None:
+        """After a ``prefill="full"`` prompt: compress every layer's cache to the budget, once,
+        scored by the prompt's last queries; from here each layer holds the budget. Runs eagerly
+        (call it on the model, not inside a compiled region); a no-op in ``"bounded"`` mode or
+        when the cache already holds the whole sequence."""
+        if not self.prompt_pending:
+            return
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.end_prompt(self.slots)
+        self.chunk_size = self.decode_chunk
+        self.prompt_pending = False
 
     def state(self) -> dict[str, tuple[Tensor, float]]:
         """Mutable decoding state by buffer name, with each buffer's value when empty."""

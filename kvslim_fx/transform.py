@@ -15,6 +15,7 @@ from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
 
 DEFAULT_CHUNK = 512
+PREFILL_MODES = ("bounded", "full")
 
 
 def transform(
@@ -23,6 +24,8 @@ def transform(
     budget: int | float | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    prefill: str = "bounded",
+    prefill_window: int = 64,
     **options,
 ) -> KVSlimModel:
     """Return ``model`` with every attention layer replaced by a fixed-capacity cached attention.
@@ -33,12 +36,27 @@ def transform(
         budget: KV slots kept per layer, sink slots included (int), or a fraction of the prompt
             in (0, 1] (float); ``None`` keeps everything (``full``).
         chunk_size: prompts longer than this are prefilled in chunks of this many tokens.
+        prefill: ``"bounded"``: the cache never exceeds the budget, not even while the prompt
+            is read; ``"full"``: the cache holds the whole prompt, which
+            :meth:`KVSlimModel.end_prompt` (called by :func:`kvslim_fx.generate`) compresses once
+            to the budget, scored by the prompt's last ``prefill_window`` queries, so a question
+            at the end of the prompt decides what is kept (peak memory: the prompt's cache).
+        prefill_window: the queries that score the prompt in ``"full"`` mode (SnapKV's
+            observation window).
         **options: the method's own options (e.g. ``sink``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise KVSlimError(f"expected a Hugging Face causal LM, got {type(model).__name__}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise KVSlimError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if prefill not in PREFILL_MODES:
+        raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+    if (
+        isinstance(prefill_window, bool)
+        or not isinstance(prefill_window, int)
+        or (prefill_window < 1)
+    ):
+        raise KVSlimError(f"prefill_window must be a positive integer, got {prefill_window!r}")
     algo = make_method(method, budget, **options)
     config = model.config
     arch = getattr(config, "model_type", type(model).__name__)
@@ -78,7 +96,9 @@ def transform(
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if inputs != ["input_ids", "position_ids", "kv_positions"]:
         raise KVSlimError(f"{arch}: unexpected inputs {inputs} after the rewrite")
-    result = KVSlimModel(gm, algo, config, out_keys.index("logits"), chunk_size)
+    result = KVSlimModel(
+        gm, algo, config, out_keys.index("logits"), chunk_size, prefill, prefill_window
+    )
     generation = getattr(model, "generation_config", None)
     result.eos_token_id = getattr(generation, "eos_token_id", None)
     result.pad_token_id = getattr(generation, "pad_token_id", None)

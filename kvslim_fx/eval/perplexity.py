@@ -111,6 +111,7 @@ def continuation_nll(
     step = model.chunk_size
     for begin in range(0, context, step):
         last = model(window[:, begin : min(begin + step, context)])[:, -1]
+    getattr(model, "_orig_mod", model).end_prompt()
     prefill_s = time.perf_counter() - start
     report = getattr(model, "diagnostics", None) if diagnostics is not None else None
     if report is not None:

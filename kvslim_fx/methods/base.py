@@ -74,7 +74,7 @@ class Method:
     def slots(self, prompt_len: int, max_length: int) -> int:
         """Slots per global-attention layer for a sequence of ``max_length`` tokens."""
         if self.budget is None:
-            return _round_up(max_length)
+            return round_capacity(max_length)
         if isinstance(self.budget, float):
             return max((self.sink or 0) + 1, math.ceil(self.budget * prompt_len))
         return self.budget
@@ -93,6 +93,11 @@ class Method:
     def attention_logc(self, logc: Tensor) -> Tensor:
         """The log-cardinality bias attention sees (``[B, H_kv, C + 1]``); exact by default."""
         return logc
+
+    def compress_prompt(self, cache, slots: int) -> None:
+        """Free a cache that holds a whole prompt down to ``slots`` occupied slots, once, scored
+        by the prompt's last queries (``cache.window_mass()``). Nothing by default: a ring layout
+        keeps its sinks and newest tokens when the cache is compacted."""
 
     def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
         """Store a step's tokens in ``cache`` (merging layouts only); ``mass`` as ``attend``'s."""
@@ -124,5 +129,6 @@ def rank(x: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(-1, order, steps)
 
 
-def _round_up(n: int) -> int:
+def round_capacity(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`CAPACITY_QUANTUM`."""
     return -(-n // CAPACITY_QUANTUM) * CAPACITY_QUANTUM

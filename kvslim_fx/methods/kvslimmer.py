@@ -230,13 +230,40 @@ class KVSlimmer(Method):
             merge(cache, need, alpha, means, out)
         cache.write_free(k, v, kv_pos, {})
 
-    def _selection(self, cache) -> tuple:
-        """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for ``cache``'s slots."""
+    def _selection(self, cache, slots: int | None = None) -> tuple:
+        """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for ``cache``'s slots, with
+        the sinks, recent window and recency of a ``slots`` budget (default: the capacity)."""
         C = cache.capacity
+        slots = slots or C
         # The reference's recency factor exp(j/γ) reaches `recency` at the budget's last pair.
-        gamma = C / math.log(self.recency) if self.recency > 1 else 0.0
-        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink_for(C),
-                self.recent_for(C), self.per_head, gamma)  # fmt: skip
+        gamma = slots / math.log(self.recency) if self.recency > 1 else 0.0
+        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink_for(slots),
+                self.recent_for(slots), self.per_head, gamma)  # fmt: skip
+
+    def compress_prompt(self, cache, slots: int) -> None:
+        """Merge a cache holding the whole prompt down to ``slots``, in rounds: each round scores
+        the slots by the prompt's last queries' attention, re-computed over the merged cache,
+        and merges at most ``merge_fraction`` of the mergeable pairs (disjoint ones)."""
+        C = cache.capacity
+        while True:
+            pos = cache.pos[:, :, :C]
+            excess = ((pos >= 0).sum(-1) - slots).clamp_min(0)  # [B, H]
+            if not bool(excess.any()):
+                return
+            mass, seen = cache.window_mass()
+            prob = mass / seen.clamp_min(1)
+            logc = cache.logc[:, :, :C]
+            cache.score[:, :, :C] = prob * (logc - self.attention_logc(logc)).exp()
+            means = cache.v[:, :, :C].float()
+            alpha, out, h = middle_hessian(prob, pos >= self.sink_for(slots), means)
+            cache.hess[:, :, :C] = h
+            edges = torch.isfinite(pair_costs(*self._selection(cache, slots))[3]).sum(-1)
+            if not bool((edges > 0).all()):
+                raise KVSlimError(
+                    f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
+                )
+            rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
+            self._merge(cache, torch.minimum(excess, rule), alpha, means, out, slots)
 
     def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
         """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
@@ -257,10 +284,19 @@ class KVSlimmer(Method):
         cache.merge_stats[1] += fallback.sum().double()
         cache.record_event(do.long(), 2 * do.long())
 
-    def _merge(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
-        """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order)."""
+    def _merge(
+        self,
+        cache,
+        need: Tensor,
+        alpha: Tensor,
+        means: Tensor,
+        out: Tensor,
+        slots: int | None = None,
+    ) -> None:
+        """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order);
+        ``slots``: the budget whose sinks and recent window are protected (the capacity)."""
         C = cache.capacity
-        order, sp, score, edge = pair_costs(*self._selection(cache))
+        order, sp, score, edge = pair_costs(*self._selection(cache, slots))
         joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
 
         def sort(x: Tensor) -> Tensor:

@@ -149,9 +149,23 @@ class ScoreMethod(Method):
         else:
             self._evict(cache, k, v, kv_pos, pos, mass, seen, lifetime)
 
+    def compress_prompt(self, cache, slots: int) -> None:
+        """Drop the lowest-scoring eligible slots down to ``slots``, this method's score computed
+        from the attention of the prompt's last queries (the "step"); lifetime statistics
+        (H2O's accumulated attention, WeightedKV's average) cover the whole prompt."""
+        C = cache.capacity
+        mass, seen = cache.window_mass()
+        lifetime = {"acc": mass, "steps": seen}
+        lifetime |= {name: getattr(cache, name)[:, :, :C] for name in self.accumulators}
+        B, H = mass.shape[:2]
+        none = cache.k.new_zeros(B, H, 0, cache.k.shape[-1])
+        no_pos = cache.pos.new_zeros(B, 0)
+        pos = cache.pos[:, :, :C]
+        self._evict(cache, none, none, no_pos, pos, mass, seen, lifetime, slots)
+
     def _step(
         self,
-        C: int,
+        slots: int,
         pos: Tensor,
         mass: Tensor,
         seen: Tensor,
@@ -163,7 +177,7 @@ class ScoreMethod(Method):
             pos, mass, seen = (x.gather(2, order) for x in (pos, mass, seen))
             lifetime = {name: x.gather(2, order) for name, x in lifetime.items()}
         newest = pos.amax(dim=-1, keepdim=True)
-        eligible = (pos >= self.sink) & (pos <= newest - self.recent_for(C))
+        eligible = (pos >= self.sink) & (pos <= newest - self.recent_for(slots))
         return Step(pos, mass, seen, lifetime["acc"], lifetime["steps"], eligible)
 
     def _evict_one(
@@ -213,19 +227,22 @@ class ScoreMethod(Method):
         mass: Tensor,
         seen: Tensor,
         lifetime: dict[str, Tensor],
+        slots: int | None = None,
     ) -> None:
-        """Any chunk: rank every entry in position order; see the module docstring."""
+        """Any chunk: rank every entry in position order; see the module docstring. ``slots``:
+        keep that many instead of the capacity (a prompt's end, :meth:`compress_prompt`)."""
         C = cache.capacity
+        slots = slots or C
         B, H, L, _ = k.shape
         order = pos.argsort(dim=-1, stable=True)  # empty slots and pads first
-        step = self._step(C, pos, mass, seen, lifetime, order)
+        step = self._step(slots, pos, mass, seen, lifetime, order)
         sp = step.pos
         score = self.score(step)
         if not self.per_head:
             score = head_total(score).expand_as(score)
         if cache.site.window > 0:
             score = torch.where(sp[..., -1:] - sp >= cache.site.window, -torch.inf, score)
-        need = ((pos >= 0).sum(-1, keepdim=True) - C).clamp_min(0)  # [B, H, 1]
+        need = ((pos >= 0).sum(-1, keepdim=True) - slots).clamp_min(0)  # [B, H, 1]
         drop = step.eligible & (rank(torch.where(step.eligible, score, torch.inf)) < need)
 
         weight = self.fold_weight(step)
