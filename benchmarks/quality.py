@@ -74,7 +74,7 @@ from kvslim_fx.eval.default_model import load_default_model
 from kvslim_fx.eval.haystack import Case, needle_cases, retrieval_cases
 from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity, reference_nll
 from kvslim_fx.methods import METHODS, make_method, parse_spec
-from kvslim_fx.transform import transform
+from kvslim_fx.transform import TRANSFORM_OPTIONS, transform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS = ("perplexity", "needle", "retrieval")
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in args.methods:
         try:
             name, options = parse_spec(spec)
-            make_method(name, **options)
+            make_method(name, **{k: v for k, v in options.items() if k not in TRANSFORM_OPTIONS})
         except KVSlimError as err:
             p.error(f"--methods {spec}: {err}")
     try:
@@ -381,7 +381,9 @@ def paired_interval(diffs: pd.Series) -> tuple[float, float, float] | None:
 def baseline_perplexity(cells: list[dict]) -> pd.Series:
     """:data:`BASELINE`'s perplexity by (budget label, window), from our cells."""
     base = [c for c in cells if c["method"] == BASELINE]
-    index = pd.MultiIndex.from_tuples([(cell_budget(c), c["window"]) for c in base])
+    index = pd.MultiIndex.from_tuples(
+        [(cell_budget(c), c["window"]) for c in base], names=["budget", "window"]
+    )
     return pd.Series([c["perplexity"] for c in base], index=index, dtype=float)
 
 

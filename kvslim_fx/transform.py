@@ -16,6 +16,9 @@ from .passes.sdpa import GraphRewriteError, replace_sdpa
 
 DEFAULT_CHUNK = 512
 PREFILL_MODES = ("bounded", "full")
+# transform()'s own keyword options (the rest of **options belong to the method); a benchmark's
+# method spec (kvslimmer:prefill=full:recent=64) may carry either.
+TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window")
 
 
 def transform(

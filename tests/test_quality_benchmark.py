@@ -322,3 +322,16 @@ def test_paired_interval_is_the_bootstrap_of_the_mean(quality):
     assert quality.paired_interval(pd.Series([1.0])) is None  # one window: no interval
     mean, low, high = quality.paired_interval(pd.Series([0.0, 1.0, 2.0, 3.0]))
     assert mean == 1.5 and 0.0 <= low < 1.5 < high <= 3.0
+
+
+def test_a_spec_may_carry_transform_options(quality, tmp_path):
+    """``tova:prefill=full`` is a row of its own, computed with a question-aware prefill."""
+    out = tmp_path / "q"
+    argv = ["--context", "60", "--continuation", "8", "--windows", "1", "--tasks", "perplexity"]
+    argv += ["--methods", "tova,tova:prefill=full", "--budgets", "24", "--out", str(out)]
+    assert quality.main(argv) == 0
+    cells = {
+        c["method"]: c for c in json.loads(out.with_suffix(".json").read_text())["cells"].values()
+    }
+    assert cells["tova:prefill=full"]["peak_cache_bytes"] > cells["tova"]["peak_cache_bytes"]
+    assert cells["tova:prefill=full"]["cache_bytes"] == cells["tova"]["cache_bytes"]
