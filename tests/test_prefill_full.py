@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hf_model, prompts
-from hypothesis import given, settings
+from helpers import hf_model, prompts, smallest_budget
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvslim_fx
@@ -116,8 +116,10 @@ def test_streaming_keeps_its_sinks_and_the_newest_tokens_in_their_ring_slots():
     steps=st.integers(0, 6),
     seed=st.integers(0, 2**16),
 )
+@example(name="kvslimmer", arch="gemma3_text", budget=12, length=17, pads=[0], steps=0, seed=0)
 def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, length, pads, steps,
                                                        seed):  # fmt: skip
+    budget = max(budget, smallest_budget(name, {}, length + steps))
     model = kvslim_fx.transform(hf_model(arch), name, budget, chunk_size=16, prefill="full")
     ids, mask = prompts(len(pads), length + max(pads), [p for p in pads], seed=seed)
     out = kvslim_fx.generate(model, ids, mask, max_new_tokens=steps, eos_token_id=[])
@@ -129,11 +131,14 @@ def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, lengt
         occupied = layer.pos[:, :, :C] >= 0
         assert int(occupied.sum(-1).max()) <= C
         if name == "kvslimmer" and layer.layout.merges:
-            # Every token fed is in exactly one slot (generate never feeds its last token).
-            cards = (layer.logc[:, :, :C].exp() * occupied).sum(-1)
-            seen = (mask.sum(1) + max(steps - 1, 0)).double()
-            torch.testing.assert_close(cards.double(), seen[:, None].expand_as(cards), atol=1e-3,
-                                       rtol=0)  # fmt: skip
+            # Every token fed is in exactly one slot (generate never feeds its last token); a
+            # sliding-window layer may drop what its window no longer sees.
+            cards = (layer.logc[:, :, :C].exp() * occupied).sum(-1).double()
+            seen = (mask.sum(1) + max(steps - 1, 0)).double()[:, None].expand_as(cards)
+            if layer.site.window:
+                assert bool((cards <= seen + 1e-3).all())
+            else:
+                torch.testing.assert_close(cards, seen, atol=1e-3, rtol=0)
             assert layer.merge_stats[3] <= 2  # disjoint pairs only
     assert out.shape[1] <= ids.shape[1] + steps
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_logits, hf_model, transform_reusing_trace
+from helpers import hf_logits, hf_model, smallest_budget, transform_reusing_trace
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from tiny_models import ARCHS, PAD_TOKEN_ID, VOCAB_SIZE, tiny_model
@@ -72,36 +72,6 @@ OPTIONS = {
         "per_head": PER_HEAD,
     },
 }
-
-
-def smallest_budget(name: str, options: dict, length: int) -> int:
-    """The smallest budget ``name`` accepts, from its documented rules.
-
-    ``full``: one slot per token of the sequence. Every other budget counts the sinks and must
-    exceed them, and a budget that covers the sequence (``length`` tokens) never compresses, so
-    it needs nothing more. To compress, score methods also need room for their recent window
-    (SnapKV's observation window, 32 by default); KVSlimmer merges at most a quarter of its
-    ``budget - sink - recent - 1`` mergeable pairs per step and needs one (sink and recent
-    default to a sixteenth of the budget, 1 to 32: 7 slots with the defaults).
-    """
-    if name == "full":
-        return length
-    sink = options.get("sink", METHODS[name].default_sink) or 0
-    if name == "streaming":
-        return sink + 1
-    if name == "kvslimmer":
-
-        def protected(b: int, option: str) -> int:
-            return options.get(option, min(32, max(1, b // 16)))
-
-        compressing = next(
-            b for b in range(sink + 1, 10**4)
-            if b - protected(b, "sink") - protected(b, "recent") >= 5
-        )  # fmt: skip
-    else:
-        recent = options.get("window", 32) if name == "snapkv" else options.get("recent", 0)
-        compressing = sink + max(1, recent)
-    return min(compressing, max(length, sink + 1))
 
 
 @st.composite
