@@ -1,25 +1,26 @@
-"""KVSlimmer's decode step as two registered ops: pick the cheapest adjacent pair, merge it.
+"""KVSlimmer's merges as two registered ops: pick the cheapest adjacent pair, merge pairs.
 
-A slot cache is unordered in memory; "adjacent" means adjacent in position order. In decode at
-most one slot must be freed per step, so the step needs one pair, and merging it touches two
-slots: ``O(C)`` scalar work to choose, ``O(D)`` to merge, instead of rewriting the cache.
+A slot cache is unordered in memory; "adjacent" means adjacent in position order. A merge event
+joins disjoint pairs of adjacent slots (the merge schedule guarantees disjoint pairs suffice),
+so it touches two slots per pair: ``O(D)`` per pair, never a rewrite of the whole cache.
 
 * ``kvslim::select_pair(pos, score, sink, recent, per_head, gamma) -> (first, second, ok)``:
-  the pair of slots with the lowest ``score_i + score_{i+1}`` (position order; averaged over the
-  KV heads unless ``per_head``; times the reference code's recency factor ``exp(-j/γ)`` when
-  ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
-* ``kvslim::merge_pair(k, v, logc, pos, hess, score, steps, alpha, out, first, second, do,
-  inv_freq, rotary_dim, convex, eps) -> fallback``: where ``do``, slot ``second`` becomes the
-  merge and slot ``first`` is emptied (in place). The merged key is the closed-form
-  ``k* = (A k₁' + B k₂)/(A + B)``, ``A = h₁ − h₁₂``, ``B = h₂ − h₁₂``,
+  decode's one pair, the slots with the lowest ``score_i + score_{i+1}`` (position order;
+  averaged over the KV heads unless ``per_head``; divided by the reference code's recency factor
+  ``exp(j/γ)`` when ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
+  Chunked prefill picks its pairs with ``KVSlimmer``'s ``disjoint_cheapest`` over the same costs.
+* ``kvslim::merge_pairs(k, v, logc, pos, hess, score, steps, alpha, out, first, second, do,
+  inv_freq, rotary_dim, convex, eps) -> fallback``: for each pair ``p`` where ``do``, slot
+  ``second`` becomes the merge and slot ``first`` is emptied (in place). The merged key is the
+  closed-form ``k* = (A k₁' + B k₂)/(A + B)``, ``A = h₁ − h₁₂``, ``B = h₂ − h₁₂``,
   ``h₁₂ = α₁α₂‖m₁ + m₂ − 2o‖₂``, with ``k₁'`` the earlier key rotated forward by the position
   gap; the score-weighted mean where the quadratic is not convex (``fallback``). Values merge as
   cardinality-weighted means, cardinalities and scores add, the Hessian proxy propagates as
-  ``a²h₁ + b²h₂``; the survivor keeps its position and step count.
+  ``a²h₁ + b²h₂``; the survivor keeps its position and step count. Decode calls it with one
+  pair, prefill with all of a chunk's pairs.
 
 The references below are what CPU runs; CUDA runs the Triton twins in ``pair_merge_triton``.
-The merge reference is ``run_merge.merge_runs`` on a run of two: the arithmetic that
-``KVSlimmer._merge`` runs over the whole cache (chunked prefill), so decode matches it bit for bit.
+The merge reference is ``run_merge.merge_runs`` on runs of two.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from .registry import HAS_TRITON, kernel_op
 from .run_merge import adjacent_coupling, merge_runs
 
 if HAS_TRITON:
-    from .pair_merge_triton import merge_pair_triton, select_pair_triton
+    from .pair_merge_triton import merge_pairs_triton, select_pair_triton
 
-__all__ = ["merge_pair", "merge_pair_reference", "pair_costs", "select_pair",
+__all__ = ["merge_pairs", "merge_pairs_reference", "pair_costs", "select_pair",
            "select_pair_reference"]  # fmt: skip
 
 # Per-slot buffers a merge rewrites and the value an emptied slot gets.
@@ -89,22 +90,18 @@ def _gather(x: Tensor, slots: Tensor) -> Tensor:
     return x.gather(2, idx)
 
 
-def _at(x: Tensor, slot: Tensor) -> Tensor:
-    """``x[b, h, slot[b, h]]`` for ``slot [B, H]``: ``[B, H]`` or ``[B, H, D]``."""
-    return _gather(x, slot[..., None]).squeeze(2)
-
-
-def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
-    """``x[b, h, slot] = value`` where ``where [B, H]``, in place (``value`` as ``_at`` gives)."""
-    B, H = slot.shape
-    rows = torch.arange(B, device=slot.device)[:, None].expand(B, H)
-    heads = torch.arange(H, device=slot.device)[None, :].expand(B, H)
+def _put(x: Tensor, slots: Tensor, value: Tensor, where: Tensor) -> None:
+    """``x[b, h, slots[b, h, p]] = value[b, h, p]`` where ``where``, in place (``slots``,
+    ``where``: ``[B, H, P]``; ``value`` as :func:`_gather` gives)."""
+    B, H, P = slots.shape
+    rows = torch.arange(B, device=slots.device)[:, None, None].expand(B, H, P)
+    heads = torch.arange(H, device=slots.device)[None, :, None].expand(B, H, P)
     keep = where if x.dim() == 3 else where[..., None]
     # index_put_ stays in place on the cache under Inductor; a scatter_ copies the whole buffer.
-    x.index_put_((rows, heads, slot), torch.where(keep, value.to(x.dtype), _at(x, slot)))
+    x.index_put_((rows, heads, slots), torch.where(keep, value.to(x.dtype), _gather(x, slots)))
 
 
-def merge_pair_reference(
+def merge_pairs_reference(
     k: Tensor,
     v: Tensor,
     logc: Tensor,
@@ -122,36 +119,40 @@ def merge_pair_reference(
     convex: bool,
     eps: float,
 ) -> Tensor:
-    """Merge slot ``first`` into slot ``second`` where ``do``; returns ``fallback [B, H]``.
+    """Merge slot ``first[b, h, p]`` into slot ``second[b, h, p]`` where ``do``; returns
+    ``fallback [B, H, P]``. The pairs of a row and head must be disjoint.
 
-    The two slots, ``first`` the earlier, are one run of :func:`~.run_merge.merge_runs`.
+    Each pair, ``first`` the earlier, is one run of two of :func:`~.run_merge.merge_runs`.
 
     Args:
         k, v: ``[B, H, N, D]`` post-RoPE keys and mean values (mutated).
         logc, hess, score, steps: ``[B, H, N]`` float32 slot state (mutated); pos ``[B, H, N]``
             int64 (mutated).
-        alpha: ``[B, H, C]`` (``C ≤ N``) the step's mean attention probability per slot.
-        out: ``[B, H, D]`` float32 the step's mean-value attention output ``Σ α_j m_j``.
-        first, second: ``[B, H]`` int64 slots; ``do [B, H]`` bool.
+        alpha: ``[B, H, C]`` (``C ≤ N``) the step's attention probability per slot, as the
+            Hessian proxy normalises it.
+        out: ``[B, H, D]`` float32 the attention output ``Σ α_j m_j`` that goes with ``alpha``.
+        first, second: ``[B, H, P]`` int64 slots; ``do [B, H, P]`` bool.
         inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
         convex: clip the closed-form weights to ``[0, 1]`` (``k*`` on the segment between the
             two keys; the paper's ``k*`` may extrapolate where ``h₁₂`` exceeds one ``h``).
     """
-    pair = torch.stack([first, second], dim=-1)  # [B, H, 2]
-    m = _gather(v, pair).float()
+    B, H, P = first.shape
+    members = torch.stack([first, second], dim=-1).flatten(-2)  # [B, H, 2P]: f0 s0 f1 s1 ...
+    m = _gather(v, members).float()
+    within = torch.arange(2 * P - 1, device=first.device) % 2 == 0  # edge (f_p, s_p)
     merged = merge_runs(
-        _gather(k, pair).float(), m, _gather(logc, pair), _gather(hess, pair),
-        _gather(score, pair), _gather(pos, pair),
-        adjacent_coupling(_gather(alpha, pair), m, out[:, :, None]), torch.ones_like(do)[..., None],
-        inv_freq, rotary_dim, convex, eps,
+        _gather(k, members).float(), m, _gather(logc, members), _gather(hess, members),
+        _gather(score, members), _gather(pos, members),
+        adjacent_coupling(_gather(alpha, members), m, out[:, :, None]),
+        within.expand(B, H, -1), inv_freq, rotary_dim, convex, eps,
     )  # fmt: skip
     buffers = {"k": k, "v": v, "logc": logc, "pos": pos, "hess": hess, "score": score,
                "steps": steps}  # fmt: skip
     for name in ("k", "v", "logc", "hess", "score"):
-        _put(buffers[name], second, getattr(merged, name)[:, :, 1], do)
+        _put(buffers[name], second, getattr(merged, name)[:, :, 1::2], do)
     for name, buf in buffers.items():
-        _put(buf, first, torch.full_like(_at(buf, first), EMPTY[name]), do)
-    return merged.fallback[:, :, 1] & do
+        _put(buf, first, torch.full_like(_gather(buf, first), EMPTY[name]), do)
+    return merged.fallback[:, :, 1::2] & do
 
 
 @kernel_op("kvslim::select_pair")
@@ -164,8 +165,8 @@ def select_pair(
     return select_pair_reference(pos, score, sink, recent, per_head, gamma)
 
 
-@kernel_op("kvslim::merge_pair", mutates_args=("k", "v", "logc", "pos", "hess", "score", "steps"))
-def merge_pair(
+@kernel_op("kvslim::merge_pairs", mutates_args=("k", "v", "logc", "pos", "hess", "score", "steps"))
+def merge_pairs(
     k: Tensor,
     v: Tensor,
     logc: Tensor,
@@ -187,5 +188,5 @@ def merge_pair(
     args = (k, v, logc, pos, hess, score, steps, alpha, out, first, second, do, inv_freq,
             rotary_dim, convex, eps)  # fmt: skip
     if k.is_cuda and HAS_TRITON:
-        return merge_pair_triton(*args)
-    return merge_pair_reference(*args)
+        return merge_pairs_triton(*args)
+    return merge_pairs_reference(*args)

@@ -1,12 +1,13 @@
-"""Triton twins of ``kvslim::select_pair`` and ``kvslim::merge_pair`` (see ``pair_merge.py``).
+"""Triton twins of ``kvslim::select_pair`` and ``kvslim::merge_pairs`` (see ``pair_merge.py``).
 
 * ``_select_pair``: one program per batch row. Per KV head it sorts ``(position, slot)`` packed
   into one int64 (``tl.sort``), keeps the slot order in a scratch row, and reads each slot's
   position-order successor from it; the edge costs of all heads are summed for the shared
   selection, then each head takes its argmin (ties: lowest position, as ``torch.argmin``).
-* ``_merge_pair``: one program per ``(batch, KV head)``; it loads the pair's two rows, rotates
-  the earlier key by the position gap (HF ``rotate_half`` layout), combines them as
-  ``run_merge.merge_runs`` does a run of two, and writes the two slots, all masked by ``do``.
+* ``_merge_pair``: one program per ``(batch, KV head, pair)``; it loads the pair's two rows,
+  rotates the earlier key by the position gap (HF ``rotate_half`` layout), combines them as
+  ``run_merge.merge_runs`` does a run of two, and writes the two slots, all masked by ``do``
+  (a row's pairs are disjoint, so no two programs write one slot).
 
 Launches go through ``torch.library.wrap_triton`` so the ops stay traceable.
 """
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["merge_pair_triton", "select_pair_triton"]
+__all__ = ["merge_pairs_triton", "select_pair_triton"]
 
 _SLOT_BITS = 24  # slots per layer < 2**24; positions < 2**39 fit beside them in an int64
 
@@ -111,14 +112,15 @@ def _merge_pair(
     first_ptr, second_ptr, do_ptr, freq_ptr, fallback_ptr,
     sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     ss_b, ss_h, ss_n, sa_b, sa_h, sa_n, so_b, so_h, so_d,
-    H, D, HALF, eps,
+    H, P, D, HALF, eps,
     ROPE: tl.constexpr, CONVEX: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    pid = tl.program_id(0)  # (batch, head, pair), pairs fastest
+    bh = pid // P
     b, h = bh // H, bh % H
-    i = tl.load(first_ptr + bh)
-    j = tl.load(second_ptr + bh)
-    do = tl.load(do_ptr + bh) != 0
+    i = tl.load(first_ptr + pid)
+    j = tl.load(second_ptr + pid)
+    do = tl.load(do_ptr + pid) != 0
     # The [B, H, N] slot-state tensors share one layout (they are allocated together).
     s1 = b * ss_b + h * ss_h + i * ss_n
     s2 = b * ss_b + h * ss_h + j * ss_n
@@ -183,10 +185,10 @@ def _merge_pair(
         tl.store(score_ptr + s1, 0.0)
         tl.store(steps_ptr + s1, 0.0)
         tl.store(pos_ptr + s1, -1)
-    tl.store(fallback_ptr + bh, (fallback & do).to(tl.int8))
+    tl.store(fallback_ptr + pid, (fallback & do).to(tl.int8))
 
 
-def merge_pair_triton(
+def merge_pairs_triton(
     k: Tensor,
     v: Tensor,
     logc: Tensor,
@@ -204,20 +206,21 @@ def merge_pair_triton(
     convex: bool,
     eps: float,
 ) -> Tensor:
-    """Triton twin of ``merge_pair_reference`` (same arguments, same results)."""
+    """Triton twin of ``merge_pairs_reference`` (same arguments, same results)."""
     B, H, _, D = k.shape
+    P = first.shape[-1]
     strides = {t.stride() for t in (logc, pos, hess, score, steps)}
     if len(strides) != 1:
-        raise ValueError("merge_pair_triton needs logc, pos, hess, score, steps in one layout")
+        raise ValueError("merge_pairs_triton needs logc, pos, hess, score, steps in one layout")
     out = out.float()
     rope = inv_freq is not None
     freq = inv_freq.float().contiguous() if rope else k.new_zeros(1, dtype=torch.float32)
-    fallback = torch.empty((B, H), dtype=torch.int8, device=k.device)
-    torch.library.wrap_triton(_merge_pair)[(B * H,)](
+    fallback = torch.empty((B, H, P), dtype=torch.int8, device=k.device)
+    torch.library.wrap_triton(_merge_pair)[(B * H * P,)](
         k, v, logc, pos, hess, score, steps, alpha, out,
         first.contiguous(), second.contiguous(), do.to(torch.int8).contiguous(), freq, fallback,
         *k.stride(), *v.stride(), *logc.stride(), *alpha.stride(), *out.stride(),
-        H, D, rotary_dim // 2 if rope else 0, float(eps),
+        H, P, D, rotary_dim // 2 if rope else 0, float(eps),
         ROPE=rope, CONVEX=bool(convex), BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
     return fallback.bool()

@@ -1,8 +1,8 @@
 r"""KVSlimmer's merge arithmetic: Hessian proxies, and the closed-form merge of runs of slots.
 
-The one PyTorch definition: ``KVSlimmer`` calls it over the whole position-sorted cache
-(chunked prefill) and ``kvslim::merge_pair``'s reference on a run of two (decode); the Triton
-kernel in ``pair_merge_triton`` is that reference's GPU twin.
+The one PyTorch definition: ``kvslim::merge_pairs``' reference calls it on runs of two (every
+merge KVSlimmer makes, in prefill and decode); the Triton kernel in ``pair_merge_triton`` is
+that reference's GPU twin. Runs of more slots are defined (and tested) for completeness.
 
 A slot ``j`` holds a post-RoPE key ``k_j``, a *mean* value ``m_j`` and a cardinality ``c_j``.
 With logits ``s_j`` and ``α = softmax(s + log c)`` the attention output is ``o = Σ_j α_j m_j``;

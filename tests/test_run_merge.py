@@ -1,5 +1,5 @@
 """KVSlimmer's merge arithmetic (``kvslim_fx.kernels.run_merge``): properties of the production
-functions that ``KVSlimmer`` and ``kvslim::merge_pair`` call.
+functions that ``KVSlimmer`` and ``kvslim::merge_pairs`` call.
 
 Exactness checks run in float64; the attention-level check uses ``attend_reference``.
 """

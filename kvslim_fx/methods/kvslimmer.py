@@ -2,32 +2,32 @@
 
 Each step, after attention, the method
 
-1. updates every slot's Hessian proxy ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` (running mean over the
-   steps the slot has lived, as the reference smooths over chunks) and its selection statistic
-   ``score_j`` (``score="last"``: this step's attention probability, as the reference selects
-   from the current chunk; ``"mean"``: its mean over the slot's life), from the step's own
-   attention mass: no second pass;
-2. if the new tokens do not fit in the empty slots, picks the ``need`` adjacent pairs (in
+1. updates every cached slot's statistics from the step's own attention mass (no second pass):
+   the selection statistic ``score_j = p_j · c_j / min(c_j, bias_cap)`` (``p_j``: the slot's
+   mean attention probability per query; every member of a merged slot counts), the last
+   step's (``score="last"``, as the reference selects from the current chunk) or its running
+   mean (``"mean"``), and the Hessian proxy ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` of the output
+   restricted to the non-sink slots, ``α`` renormalised over them as the reference does
+   (:func:`middle_hessian`; a running mean over the slot's steps). New tokens get theirs at
+   their first step in the cache;
+2. if the new tokens do not fit in the empty slots, picks that many disjoint adjacent pairs (in
    position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
    window, one selection per layer shared by the KV heads (``per_head=True``: per head);
-   ``recency=γ > 0`` multiplies pair ``j``'s cost by the reference code's ``exp(−j/γ)``;
-3. merges them: ``k* = (A k_m + B k_n) / (A + B)``, ``A = h11 − h12``, ``B = h22 − h12``,
-   ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key rotated forward by the position gap
-   (RoPE-correct, post-RoPE storage); value sums and cardinalities add (no cap); the merged slot
-   takes the later position. Where the quadratic is not convex it falls back to the
-   score-weighted mean, and counts it (``LayerCache.merge_stats``);
+   ``recency=ρ > 1`` divides pair ``j``'s cost by the reference's ``exp(j/γ)``, ``γ = slots /
+   ln ρ``. The model's chunk limit (:meth:`KVSlimmer.max_chunk`) keeps every step within
+   ``merge_fraction`` of the mergeable pairs, so disjoint pairs always suffice and no slot more
+   than doubles in one step;
+3. merges each pair with ``kvslim::merge_pairs``: ``k* = (A k_m + B k_n) / (A + B)``,
+   ``A = h11 − h12``, ``B = h22 − h12``, ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key
+   rotated forward by the position gap (RoPE-correct, post-RoPE storage); value sums and
+   cardinalities add (no cap); the merged slot takes the later position. Where the quadratic is
+   not convex it falls back to the score-weighted mean, and counts it
+   (``LayerCache.merge_stats``). The arithmetic is ``kernels/run_merge.py``'s ``merge_runs``;
 4. writes the new tokens into the freed slots.
-
-A chunk that needs several merges may select touching pairs; such a run of ``r`` selected edges
-merges its ``r + 1`` slots at once with the same quadratic summed over the run
-(``k* = Σ w_i k_i / Σ w_i``, ``w_i = h_ii − Σ_{selected edges at i} h_e``), which for one pair
-is exactly the formula above: every token stays in exactly one slot and the step frees exactly
-``need`` slots. In decode (one token per step) only single pairs are ever merged. The arithmetic
-is ``kernels/run_merge.py``'s, which decode's ``kvslim::merge_pair`` shares.
 
 Attention counts a merged slot ``min(c, bias_cap)`` times (its ``log c`` bias capped). The paper's
 exact bias (``bias_cap=inf``) measured worse than no bias (``bias_cap=1``, the default) on
-SmolLM2-135M, and worse than StreamingLLM; the figures are in docs/design.md.
+SmolLM2-135M; the figures are in docs/design.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..errors import KVSlimError
 from ..kernels.pair_merge import pair_costs
-from ..kernels.run_merge import adjacent_coupling, hessian_proxy, merge_runs
+from ..kernels.run_merge import hessian_proxy
 from .base import Method, SlotLayout, non_negative, number_at_least, rank
 
 _SLOT_STATE = {
@@ -92,10 +92,11 @@ def disjoint_cheapest(edge: Tensor, need: Tensor) -> Tensor:
     For a threshold ``t``, every other edge of each run of edges costing at most ``t`` gives
     disjoint pairs; their number only grows with ``t`` (by at most one per added edge), so a
     binary search over the sorted costs finds the smallest ``t`` that gives ``need`` of them
-    (the cheapest ones are kept if ties give more). Disjoint pairs always suffice when ``need``
-    is at most half of the allowed edges and those form one run, which the merge schedule
-    guarantees; otherwise the cheapest remaining edges make up the rest and merge as runs.
-    Ties go to the earlier edge, so ``need = 1`` picks ``edge.argmin``.
+    (the cheapest ones are kept if ties give more). The allowed edges form one run (positions
+    between the sinks and the recent window), so ``ceil(E / 2)`` disjoint pairs exist for ``E``
+    of them, enough whenever ``need`` is at most half, which the merge schedule guarantees; more
+    than that is never picked (fewer than ``need`` come back). Ties go to the earlier edge, so
+    ``need = 1`` picks ``edge.argmin``.
     """
     costs = edge.sort(-1).values
     lo = torch.zeros_like(need)
@@ -106,10 +107,7 @@ def disjoint_cheapest(edge: Tensor, need: Tensor) -> Tensor:
         hi = torch.where(enough, mid, hi)
         lo = torch.where(enough, lo, mid + 1)
     picks = _alternate_below(edge, costs.gather(-1, lo.clamp_max(hi)[..., None])[..., 0])
-    sel = picks & (rank(torch.where(picks, edge, torch.inf)) < need[..., None])
-    left = need[..., None] - sel.sum(-1, keepdim=True)
-    rest = torch.where(sel, torch.inf, edge)
-    return sel | (torch.isfinite(rest) & (rank(rest) < left))
+    return picks & (rank(torch.where(picks, edge, torch.inf)) < need[..., None])
 
 
 class KVSlimmer(Method):
@@ -227,7 +225,7 @@ class KVSlimmer(Method):
         L = k.shape[2]
         merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
         if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)
-            merge(cache, need, alpha, means, out)
+            merge(cache, need, alpha, out)
         cache.write_free(k, v, kv_pos, {})
 
     def _selection(self, cache, slots: int | None = None) -> tuple:
@@ -263,18 +261,49 @@ class KVSlimmer(Method):
                     f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
-            self._merge(cache, torch.minimum(excess, rule), alpha, means, out, slots)
+            self._merge(cache, torch.minimum(excess, rule), alpha, out, slots)
 
-    def _merge_pair(self, cache, need: Tensor, alpha: Tensor, means: Tensor, out: Tensor) -> None:
-        """:meth:`_merge` for ``need <= 1`` (decode): two registered ops touch two slots.
-
-        Same arithmetic as a run of two in :meth:`_merge`, so decode is bit-identical to it; the
-        freed (earlier) slot is emptied for the new token that :meth:`update` writes next.
-        """
+    def _merge_pair(self, cache, need: Tensor, alpha: Tensor, out: Tensor) -> None:
+        """:meth:`_merge` for ``need <= 1`` (decode): ``kvslim::select_pair`` picks the pair
+        without the threshold search (``O(C log C)`` scalars), the same op merges it; the freed
+        (earlier) slot is emptied for the new token that :meth:`update` writes next."""
         first, second, ok = torch.ops.kvslim.select_pair(*self._selection(cache))
-        do = ok & (need > 0)
+        self._apply(cache, first[..., None], second[..., None], (ok & (need > 0))[..., None],
+                    alpha, out)  # fmt: skip
+
+    def _merge(
+        self,
+        cache,
+        need: Tensor,
+        alpha: Tensor,
+        out: Tensor,
+        slots: int | None = None,
+    ) -> None:
+        """Free ``need [B, H]`` slots by merging the cheapest disjoint adjacent pairs (position
+        order); ``slots``: the budget whose sinks and recent window are protected (capacity)."""
+        C = cache.capacity
+        order, _, _, edge = pair_costs(*self._selection(cache, slots))
+        joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
+        if not torch.compiler.is_compiling() and bool((joined.sum(-1) < need).any()):
+            # The chunk limit (max_chunk) makes this impossible; a token must never be lost.
+            raise KVSlimError(
+                f"{self.name}: a step needed more disjoint pairs than the cache has; "
+                "this is a bug, please report it with the budget and chunk size"
+            )
+        # The selected edges first (disjoint: at most C // 2 of them), in position order.
+        P = C // 2
+        edges = (~joined).long().argsort(dim=-1, stable=True)[..., :P]
+        do = joined.gather(2, edges)
+        first, second = order.gather(2, edges), order.gather(2, edges + 1)
+        self._apply(cache, first, second, do, alpha, out)
+
+    def _apply(
+        self, cache, first: Tensor, second: Tensor, do: Tensor, alpha: Tensor, out: Tensor
+    ) -> None:
+        """Merge slot ``first`` into ``second`` where ``do`` (``[B, H, P]``, disjoint pairs) with
+        ``kvslim::merge_pairs``, and count it."""
         rope = cache.rope
-        fallback = torch.ops.kvslim.merge_pair(
+        fallback = torch.ops.kvslim.merge_pairs(
             cache.k, cache.v, cache.logc, cache.pos, cache.hess, cache.score, cache.steps,
             alpha, out[:, :, 0], first, second, do,
             None if rope is None else rope.inv_freq.to(cache.k.device),
@@ -282,53 +311,5 @@ class KVSlimmer(Method):
         )  # fmt: skip
         cache.merge_stats[0] += do.sum().double()
         cache.merge_stats[1] += fallback.sum().double()
-        cache.record_event(do.long(), 2 * do.long())
-
-    def _merge(
-        self,
-        cache,
-        need: Tensor,
-        alpha: Tensor,
-        means: Tensor,
-        out: Tensor,
-        slots: int | None = None,
-    ) -> None:
-        """Free ``need [B, H]`` slots by merging the cheapest adjacent runs (position order);
-        ``slots``: the budget whose sinks and recent window are protected (the capacity)."""
-        C = cache.capacity
-        order, sp, score, edge = pair_costs(*self._selection(cache, slots))
-        joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
-
-        def sort(x: Tensor) -> Tensor:
-            return x.gather(2, order if x.dim() == 3 else order[..., None].expand_as(x))
-
-        m = sort(means)
-        rope = cache.rope
-        merged = merge_runs(
-            sort(cache.k[:, :, :C]).float(), m, sort(cache.logc[:, :, :C]),
-            sort(cache.hess[:, :, :C]), score, sp, adjacent_coupling(sort(alpha), m, out), joined,
-            None if rope is None else rope.inv_freq, None if rope is None else rope.rotary_dim,
-            self.convex, self.eps,
-        )  # fmt: skip
-        survivor = merged.survivor
-        gone = merged.merged & ~survivor
-
-        def store(name: str, new: Tensor, empty: float) -> None:
-            buf = getattr(cache, name)[:, :, :C]
-            idx = order if new.dim() == 3 else order[..., None].expand_as(new)
-            cur = buf.gather(2, idx)
-            keep = survivor if new.dim() == 3 else survivor[..., None]
-            drop = gone if new.dim() == 3 else gone[..., None]
-            val = torch.where(keep, new.to(buf.dtype), torch.where(drop, empty, cur))
-            buf.scatter_(2, idx, val)
-
-        store("k", merged.k, 0.0)
-        store("v", merged.v, 0.0)
-        store("logc", merged.logc, 0.0)
-        store("hess", merged.hess, 0.0)
-        store("score", merged.score, 0.0)
-        store("steps", sort(cache.steps[:, :, :C]), 0.0)
-        store("pos", merged.pos, -1)
-        cache.merge_stats[0] += survivor.sum().double()
-        cache.merge_stats[1] += (survivor & merged.fallback).sum().double()
-        cache.record_event(gone.sum(-1), torch.where(survivor, merged.members, 0))
+        count = do.sum(-1)
+        cache.record_event(count, 2 * (count > 0).long())
