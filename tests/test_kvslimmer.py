@@ -7,6 +7,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import hf_model, kv_model, prefill_and_decode, prompts
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -155,6 +156,10 @@ def test_options_are_checked():
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32, sink=32)
     with pytest.raises(KVSlimError, match=r"merge_fraction must lie in \(0, 0.5\]"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, merge_fraction=0.75)
+    with pytest.raises(KVSlimError, match="observe must be a positive integer"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, observe=0)
+    with pytest.raises(KVSlimError, match="kernel must be a positive odd integer"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, kernel=4)
 
 
 def _reference_proxy(probs, card, values, sink):
@@ -196,3 +201,33 @@ def test_hessian_proxy_is_normalised_like_the_reference(T, sink, G, Q, seed):
     _, _, h = middle_hessian(prob, middle.expand(B, Hkv, T), values)
     ref = _reference_proxy(probs, torch.ones(B, Hkv, T, dtype=torch.float64), values, sink)
     torch.testing.assert_close(h, ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    C=st.integers(2, 40),
+    kernel=st.sampled_from([1, 3, 7]),
+    slots=st.integers(8, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_prompt_score_pools_the_attention_over_neighbours_in_position_order(C, kernel, slots,
+                                                                          seed):  # fmt: skip
+    """Slots in any memory order, some empty: each slot outside the protected sinks and recent
+    window scores the max of its ``kernel`` position-order neighbours' attention among those
+    slots (F.max_pool1d on the sorted row); protected and empty slots score 0."""
+    g = torch.Generator().manual_seed(seed)
+    method = KVSlimmer(kernel=kernel)
+    pos = torch.randperm(3 * C, generator=g)[:C]
+    pos[torch.rand(C, generator=g) < 0.2] = -1
+    prob = torch.rand(C, generator=g, dtype=torch.float64)
+    got = method.prompt_score(prob[None, None], pos[None, None], slots)[0, 0]
+
+    sink, recent = method.sink_for(slots), method.recent_for(slots)
+    order = pos.argsort()
+    sp = pos[order]
+    lend = (sp >= sink) & (sp <= sp.max() - recent)
+    row = torch.where(lend, prob[order], -torch.inf)
+    pooled = F.max_pool1d(row[None], kernel, stride=1, padding=kernel // 2)[0]
+    want = torch.zeros_like(prob)
+    want[order] = torch.where(lend, pooled, 0.0)
+    assert torch.equal(got, want)

@@ -36,13 +36,15 @@ def attentions(arch: str, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(a[0].double() for a in out.attentions)
 
 
-def window_scores(probs: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mass of the last ``WINDOW`` queries on each key, per KV head, and the query rows that
-    could see it: ``[H_kv, P]`` each."""
+def window_scores(
+    probs: torch.Tensor, kv_heads: int, last: int = WINDOW
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mass of the ``last`` queries on each key, per KV head, and the query rows that could see
+    it: ``[H_kv, P]`` each."""
     H, P, _ = probs.shape
     G = H // kv_heads
-    mass = probs[:, -WINDOW:].sum(1).view(kv_heads, G, P).sum(1)
-    queries = torch.arange(P - WINDOW, P)
+    mass = probs[:, -last:].sum(1).view(kv_heads, G, P).sum(1)
+    queries = torch.arange(P - last, P)
     seen = (queries[:, None] >= torch.arange(P)[None]).sum(0).double() * G
     return mass, seen.expand(kv_heads, P)
 
@@ -64,8 +66,9 @@ def reference(name: str, probs: torch.Tensor, kv_heads: int) -> list[set[int]]:
         now = torch.where(eligible, mass / seen, -torch.inf)
         pooled = F.max_pool1d(now[:, None], 7, stride=1, padding=3)[:, 0]
         return expected_kept(torch.where(eligible, pooled, 0.0), eligible, BUDGET)
-    if name == "tova":  # one selection per layer: summed over the KV heads
+    if name == "tova":  # the prompt's last query; one selection per layer: summed over the heads
         eligible = pos >= sink
+        mass, seen = window_scores(probs, kv_heads, last=1)
         score = (mass / seen).sum(0, keepdim=True).expand(kv_heads, P)
         return expected_kept(score, eligible, BUDGET)
     assert name == "h2o"  # attention accumulated over every query of the prompt

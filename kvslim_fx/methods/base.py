@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..budget import check_budget
@@ -55,6 +56,9 @@ class Method:
     # None: the method picks its sinks per layer from the layer's slots.
     default_sink: ClassVar[int | None] = 0
     needs_rope: ClassVar[bool] = False
+    # How many of the prompt's last queries score a prefill="full" compression (None: all the
+    # model keeps, its prefill_window). A method whose rule names its queries sets it.
+    observe: int | None = None
 
     def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:
         sink = self.default_sink if sink is None else sink
@@ -120,6 +124,30 @@ def number_at_least(name: str, value: float, low: float, meaning: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
         raise KVSlimError(f"{name} must be a number >= {low:g} ({meaning}), got {value!r}")
     return float(value)
+
+
+def positive(name: str, value: int) -> int:
+    """``value`` if it is a positive int; otherwise the one error every such option gets."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVSlimError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def odd_kernel(kernel: int) -> int:
+    """``kernel`` if it is a positive odd int (a pooling window centred on its token)."""
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise KVSlimError(f"kernel must be a positive odd integer, got {kernel!r}")
+    return kernel
+
+
+def neighbour_max(x: Tensor, kernel: int) -> Tensor:
+    """The max of ``x`` over ``kernel`` neighbours centred on each entry of the last axis
+    (entries beyond the ends count as ``-inf``): SnapKV's pooling, so that a token's neighbours
+    score as high as it does. ``x`` is in position order; ``-inf`` entries lend nothing."""
+    # Shifted slices, not max_pool1d: its output-size rule pins a dynamic length in torch.export.
+    r, n = kernel // 2, x.shape[-1]
+    padded = F.pad(x, (r, r), value=-torch.inf)
+    return torch.stack([padded[..., i : i + n] for i in range(kernel)]).amax(0)
 
 
 def rank(x: Tensor) -> Tensor:

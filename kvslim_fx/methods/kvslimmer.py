@@ -40,7 +40,16 @@ from torch import Tensor
 from ..errors import KVSlimError
 from ..kernels.pair_merge import pair_costs
 from ..kernels.run_merge import hessian_proxy
-from .base import Method, SlotLayout, non_negative, number_at_least, rank
+from .base import (
+    Method,
+    SlotLayout,
+    neighbour_max,
+    non_negative,
+    number_at_least,
+    odd_kernel,
+    positive,
+    rank,
+)
 
 _SLOT_STATE = {
     "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
@@ -128,6 +137,8 @@ class KVSlimmer(Method):
         bias_cap: float = 1.0,
         score: str = "last",
         merge_fraction: float = 0.25,
+        observe: int = 1,
+        kernel: int = 7,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(budget, sink)
@@ -156,12 +167,15 @@ class KVSlimmer(Method):
                 f"one step may merge, so that they can all be disjoint), got {merge_fraction!r}"
             )
         self.merge_fraction = float(merge_fraction)
+        self.observe = positive("observe", observe)
+        self.kernel = odd_kernel(kernel)
         self.eps = float(eps)
 
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
                 "recency": self.recency, "convex": self.convex, "bias_cap": self.bias_cap,
-                "score": self.score, "merge_fraction": self.merge_fraction}  # fmt: skip
+                "score": self.score, "merge_fraction": self.merge_fraction,
+                "observe": self.observe, "kernel": self.kernel}  # fmt: skip
 
     def sink_for(self, slots: int) -> int:
         """Sink slots of a ``slots``-slot layer: the option, or 1/16 of the slots (1 to 32)."""
@@ -240,18 +254,18 @@ class KVSlimmer(Method):
 
     def compress_prompt(self, cache, slots: int) -> None:
         """Merge a cache holding the whole prompt down to ``slots``, in rounds: each round scores
-        the slots by the prompt's last queries' attention, re-computed over the merged cache,
-        and merges at most ``merge_fraction`` of the mergeable pairs (disjoint ones)."""
+        the slots by the prompt's last ``observe`` queries' attention over the merged cache
+        (:meth:`prompt_score`) and merges at most ``merge_fraction`` of the mergeable pairs
+        (disjoint ones), so no slot more than doubles per round."""
         C = cache.capacity
         while True:
             pos = cache.pos[:, :, :C]
             excess = ((pos >= 0).sum(-1) - slots).clamp_min(0)  # [B, H]
             if not bool(excess.any()):
                 return
-            mass, seen = cache.window_mass()
+            mass, seen = cache.window_mass(self.observe)
             prob = mass / seen.clamp_min(1)
-            logc = cache.logc[:, :, :C]
-            cache.score[:, :, :C] = prob * (logc - self.attention_logc(logc)).exp()
+            cache.score[:, :, :C] = self.prompt_score(prob, pos, slots)
             means = cache.v[:, :, :C].float()
             alpha, out, h = middle_hessian(prob, pos >= self.sink_for(slots), means)
             cache.hess[:, :, :C] = h
@@ -262,6 +276,24 @@ class KVSlimmer(Method):
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
             self._merge(cache, torch.minimum(excess, rule), alpha, out, slots)
+
+    def prompt_score(self, prob: Tensor, pos: Tensor, slots: int) -> Tensor:
+        """The selection statistic of a ``prefill="full"`` round, ``[B, H, C]``: each slot's
+        attention probability ``prob`` (per query) max-pooled over ``kernel`` neighbours in
+        position order, as SnapKV pools, among the slots outside the sinks and the recent
+        window of a ``slots`` budget (they lend nothing and score 0).
+
+        Pooling keeps a retrieved span whole (a pass key's digits are copied one after the
+        other, though the question attends mostly to the first). No cardinality factor, unlike
+        decode's statistic: the rounds already bound a slot to ``2^rounds`` tokens, and the
+        factor made the haystack's merged slots as costly as the needle's singletons (measured
+        in docs/design.md).
+        """
+        order = pos.argsort(dim=-1)
+        sp = pos.gather(2, order)
+        lend = (sp >= self.sink_for(slots)) & (sp <= sp[..., -1:] - self.recent_for(slots))
+        pooled = neighbour_max(torch.where(lend, prob.gather(2, order), -torch.inf), self.kernel)
+        return torch.empty_like(prob).scatter_(2, order, torch.where(lend, pooled, 0.0))
 
     def _merge_pair(self, cache, need: Tensor, alpha: Tensor, out: Tensor) -> None:
         """:meth:`_merge` for ``need <= 1`` (decode): ``kvslim::select_pair`` picks the pair

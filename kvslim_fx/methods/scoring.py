@@ -151,10 +151,11 @@ class ScoreMethod(Method):
 
     def compress_prompt(self, cache, slots: int) -> None:
         """Drop the lowest-scoring eligible slots down to ``slots``, this method's score computed
-        from the attention of the prompt's last queries (the "step"); lifetime statistics
+        from the attention of the prompt's last queries (the "step": ``observe`` of them, or all
+        the model keeps); lifetime statistics
         (H2O's accumulated attention, WeightedKV's average) cover the whole prompt."""
         C = cache.capacity
-        mass, seen = cache.window_mass()
+        mass, seen = cache.window_mass(self.observe)
         lifetime = {"acc": mass, "steps": seen}
         lifetime |= {name: getattr(cache, name)[:, :, :C] for name in self.accumulators}
         B, H = mass.shape[:2]

@@ -13,18 +13,17 @@ the budget holds at every step, so the rule runs whenever the cache overflows:
 Approximations: the observation window is the whole chunk, not its last ``window`` queries (the
 attention op sums mass over the step's queries; pass ``chunk_size=window`` for the literal
 window); selection repeats at every overflowing chunk instead of once at the end of the prompt,
-though a prompt prefilled in one chunk gets the one-shot selection. SnapKV does not compress
+though a prompt prefilled in one chunk gets the one-shot selection, and so does
+``prefill="full"``, scored by the prompt's last ``window`` queries. SnapKV does not compress
 during decode; here a decode step applies the same rule with its one query (TOVA with pooling).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import KVSlimError
-from .base import non_negative
+from .base import neighbour_max, non_negative, odd_kernel
 from .scoring import ScoreMethod, Step
 
 
@@ -43,9 +42,8 @@ class SnapKV(ScoreMethod):
         per_head: bool = True,
     ) -> None:
         super().__init__(budget, sink, recent=non_negative("window", window), per_head=per_head)
-        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-            raise KVSlimError(f"kernel must be a positive odd integer, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = odd_kernel(kernel)
+        self.observe = max(self.recent, 1)  # prefill="full": the observation window
 
     def options(self) -> dict:
         return {
@@ -59,9 +57,5 @@ class SnapKV(ScoreMethod):
     def score(self, step: Step) -> Tensor:
         now = torch.where(step.eligible, step.mass / step.seen.clamp_min(1), -torch.inf)
         # Neighbours = adjacent tokens in position order; protected ones lend no score (-inf).
-        # Shifted slices, not max_pool1d: its output-size rule pins the dynamic chunk length
-        # in torch.export.
-        r, n = self.kernel // 2, now.shape[-1]
-        padded = F.pad(now, (r, r), value=-torch.inf)
-        pooled = torch.stack([padded[..., i : i + n] for i in range(self.kernel)]).amax(0)
+        pooled = neighbour_max(now, self.kernel)
         return torch.where(step.eligible, pooled, 0.0)

@@ -8,7 +8,9 @@ sinks are kept).
 
 Approximation: the attention op reports mass summed over the step's queries, so for a chunk of
 ``L > 1`` tokens the score is each token's mean attention over the chunk's queries that could
-see it (``mass / seen``). In decode (one token per step) that is exactly the newest query's.
+see it (``mass / seen``). In decode (one token per step) that is exactly the newest query's,
+and so is a ``prefill="full"`` prompt's one compression (the prompt's last query only: averaged
+over more of the prompt's last queries, the score lost the pass key of the needle test).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class TOVA(ScoreMethod):
 
     name = "tova"
     default_per_head = False
+    observe = 1  # prefill="full": the newest query is TOVA's
 
     def score(self, step: Step) -> Tensor:
         return step.mass / step.seen.clamp_min(1)
