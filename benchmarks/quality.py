@@ -833,7 +833,7 @@ def markdown(args: argparse.Namespace, tables: dict[str, pd.DataFrame], peer: di
             merged = rows[rows.merges.notna()]
             if not merged.empty:
                 md += [
-                    "Merges (merged runs counted per KV head, summed over layers, mean over "
+                    "Merges (merged pairs counted per KV head, summed over layers, mean over "
                     "windows):",
                     "",
                 ]
