@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import datetime as dt
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -84,3 +85,10 @@ def full_kv_bytes(config: Any, tokens: int, dtype: torch.dtype, batch: int = 1) 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * batch * heads * head_dim * tokens * elem
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``cache`` as an HF model's forward takes it: keyword ``cache`` from transformers 5.24 on
+    (which deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` before."""
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}

@@ -80,7 +80,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from common import formatted, full_kv_bytes, log, markdown_table, save_results
+from common import cache_kwargs, formatted, full_kv_bytes, log, markdown_table, save_results
 
 from kvslim_fx.budget import parse_budgets
 
@@ -382,7 +382,7 @@ class HFDecoder:
         out = self.hf(
             input_ids=ids,
             position_ids=self._positions(ids.shape[1]),
-            past_key_values=self.cache,
+            **cache_kwargs(self.hf, self.cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -395,7 +395,7 @@ class HFDecoder:
         out = self.forward(
             input_ids=token,
             position_ids=self._positions(1),
-            past_key_values=self.cache,
+            **cache_kwargs(self.hf, self.cache),
             use_cache=True,
         )
         self.seen += 1

@@ -76,6 +76,7 @@ from typing import Any
 import pandas as pd
 import torch
 from common import (
+    cache_kwargs,
     full_kv_bytes,
     load_results,
     log,
@@ -300,7 +301,7 @@ def _prefill(model: Any, ids: list[int], press: PressFn) -> tuple[Any, torch.Ten
         # logits_to_keep=1: only the last prefill logit is used ([C, vocab] fp32 is 1.6 GB at 8k).
         out = model(
             input_ids=torch.tensor([ids], device=next(model.parameters()).device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -312,7 +313,7 @@ def _step(model: Any, token: int, cache: Any, position: int, device: torch.devic
     # derive the new token's RoPE position from the cache length.
     out = model(
         input_ids=torch.tensor([[token]], device=device),
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         position_ids=torch.tensor([[position]], device=device),
         use_cache=True,
     )
