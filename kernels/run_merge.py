@@ -117,7 +117,6 @@ class MergedRuns(NamedTuple):
     pos: Tensor  # the run's last position
     fallback: Tensor  # bool: a merged run whose quadratic is not convex (score-weighted key)
     merged: Tensor  # bool: member of a run of two or more slots
-    members: Tensor  # slots in the run
     survivor: Tensor  # bool: last member of such a run, where its merge is to be kept
 
 
@@ -200,5 +199,4 @@ def merge_runs(
         fallback=fallback & merged,
         merged=merged,
         survivor=joined_left & ~joined_right,
-        members=members,
     )

@@ -131,14 +131,13 @@ class LayerCache(nn.Module):
             self.write_ring(k, v, kv_pos)
         return out
 
-    def window_mass(self, last: int | None = None) -> tuple[Tensor, Tensor]:
-        """The attention of the prompt's last queries over the cache (all the layer keeps, or the
-        ``last`` of them): ``mass`` and ``seen`` ``[B, H_kv, C]``
-        (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
+    def window_mass(self) -> tuple[Tensor, Tensor]:
+        """The attention of the prompt's last queries (those the layer keeps: the method's
+        ``observe``, at most the model's ``prefill_window``) over the cache: ``mass`` and ``seen``
+        ``[B, H_kv, C]`` (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
         C = self.capacity
-        W = self.window_q.shape[2] if last is None else min(last, self.window_q.shape[2])
         return window_mass(
-            self.window_q[:, :, -W:], self.window_pos[:, -W:], self.k[:, :, :C],
+            self.window_q, self.window_pos, self.k[:, :, :C],
             self.method.attention_logc(self.logc[:, :, :C]), self.pos[:, :, :C],
             self.site.scale, self.site.window,
         )  # fmt: skip

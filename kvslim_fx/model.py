@@ -107,7 +107,8 @@ class KVSlimModel(nn.Module):
         held, observe = slots, 0
         if self.prompt_pending:
             held = max(slots, round_capacity(prompt_len or max_length))
-            observe = self.prefill_window
+            # Keep only the prompt's last queries that the method's rule reads.
+            observe = min(self.prefill_window, self.method.observe or self.prefill_window)
         self.chunk_size = self.requested_chunk if self.prompt_pending else self.decode_chunk
         for layer in self.layers:
             layer.allocate(batch_size, held, self.dtype, self.device, observe)

@@ -10,6 +10,7 @@ from torch import nn
 from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import make_method
+from .methods.base import positive
 from .model import KVSlimModel, _max_positions
 from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
@@ -54,12 +55,7 @@ def transform(
         raise KVSlimError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if prefill not in PREFILL_MODES:
         raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
-    if (
-        isinstance(prefill_window, bool)
-        or not isinstance(prefill_window, int)
-        or (prefill_window < 1)
-    ):
-        raise KVSlimError(f"prefill_window must be a positive integer, got {prefill_window!r}")
+    positive("prefill_window", prefill_window)
     algo = make_method(method, budget, **options)
     config = model.config
     arch = getattr(config, "model_type", type(model).__name__)

@@ -56,8 +56,8 @@ class Method:
     # None: the method picks its sinks per layer from the layer's slots.
     default_sink: ClassVar[int | None] = 0
     needs_rope: ClassVar[bool] = False
-    # How many of the prompt's last queries score a prefill="full" compression (None: all the
-    # model keeps, its prefill_window). A method whose rule names its queries sets it.
+    # How many of the prompt's last queries score a prefill="full" compression (None: the model's
+    # prefill_window; never more). A method whose rule names its queries sets it.
     observe: int | None = None
 
     def __init__(self, budget: int | float | None = None, sink: int | None = None) -> None:

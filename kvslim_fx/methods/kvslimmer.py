@@ -263,7 +263,7 @@ class KVSlimmer(Method):
             excess = ((pos >= 0).sum(-1) - slots).clamp_min(0)  # [B, H]
             if not bool(excess.any()):
                 return
-            mass, seen = cache.window_mass(self.observe)
+            mass, seen = cache.window_mass()
             prob = mass / seen.clamp_min(1)
             cache.score[:, :, :C] = self.prompt_score(prob, pos, slots)
             means = cache.v[:, :, :C].float()

@@ -151,11 +151,11 @@ class ScoreMethod(Method):
 
     def compress_prompt(self, cache, slots: int) -> None:
         """Drop the lowest-scoring eligible slots down to ``slots``, this method's score computed
-        from the attention of the prompt's last queries (the "step": ``observe`` of them, or all
-        the model keeps); lifetime statistics
-        (H2O's accumulated attention, WeightedKV's average) cover the whole prompt."""
+        from the attention of the prompt's last queries that the layer keeps (the "step"; see
+        ``Method.observe``); lifetime statistics (H2O's accumulated attention, WeightedKV's
+        average) cover the whole prompt."""
         C = cache.capacity
-        mass, seen = cache.window_mass(self.observe)
+        mass, seen = cache.window_mass()
         lifetime = {"acc": mass, "steps": seen}
         lifetime |= {name: getattr(cache, name)[:, :, :C] for name in self.accumulators}
         B, H = mass.shape[:2]
