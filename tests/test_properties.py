@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import hf_logits, hf_model, smallest_budget, transform_reusing_trace
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from tiny_models import ARCHS, PAD_TOKEN_ID, VOCAB_SIZE, tiny_model
 
@@ -299,11 +299,15 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
                     if i == 0:
                         assert torch.equal(mine, ref), (where, b, p)
                     else:
-                        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+                        # atol: an entry near 0 of a vector of O(1) entries carries the
+                        # rounding of its larger neighbours (seen: 1.15e-6 on gemma3_text).
+                        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=100)
 @given(case=cases(COMPRESSING, "accepted", max_length=120, max_steps=8))
+@example(case={"arch": "gemma3_text", "name": "streaming", "options": {}, "chunk": 1,
+               "length": 1, "steps": 3, "pads": [0], "budget": 5, "seed": 5})  # fmt: skip
 def test_the_cache_holds_its_budget_its_sinks_and_its_recent_window(case):
     """Properties 2-4 (occupancy, sinks, recent window) after the prefill and every decode step
     of one drawn run; budgets from the method's smallest up, so most runs compress."""
