@@ -110,14 +110,15 @@ def attend_sdpa(
     recent: int = 0,
     return_mass: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`attend_reference` on PyTorch's fused CPU attention (what the op runs on CPU).
+    """:func:`attend_reference` on PyTorch's CPU kernels (what the op runs on CPU).
 
-    The reference materialises the ``[B, H_q, L, C + L]`` probabilities several times; the fused
-    kernel never does (~4x faster at 8k slots). The cache and the new tokens are attended as two
-    parts merged by their log-sum-exps, so the cache is never copied to append the step's keys;
-    the query heads of a KV group fold into the query axis, so keys are never repeated either.
-    The mass, when asked for, is ``Σ exp(s − lse)`` from the kernel's own log-sum-exp: one
-    matmul and one ``exp`` over the scores, no softmax and no second matmul.
+    The reference materialises the ``[B, H_q, L, C + L]`` probabilities several times and copies
+    the cache to append the step's keys; this never does either. The cache and the new tokens
+    are attended as two parts joined by their log-sum-exps, and the query heads of a KV group
+    fold into the query axis, so keys are never repeated. Without ``mass`` the fused kernel runs
+    (~4x faster than the reference at 8k slots). With it, the scores are computed once and give
+    the output and the mass together: one read of the keys and one of the values, where the
+    fused kernel plus a second score matmul for the mass read the keys twice.
     """
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -129,38 +130,51 @@ def attend_sdpa(
         (k, v, torch.zeros(B, Hkv, L, device=q.device), new_pos),
     ]
     parts = [p for p in parts if p[0].shape[2] > 0]
-    outs, lses, biases = [], [], []
-    for keys, vals, logc, k_pos in parts:
+    biases, seen = [], []
+    for _, _, logc, k_pos in parts:
         vis = _visible(q_pos[:, None, :, None], k_pos[:, :, None, :], window, sink, recent)
         bias = torch.where(vis, logc[:, :, None, :], -torch.inf)  # [B, Hkv, L, N]
         # Each query head of the group uses its KV head's mask: [B, Hkv, G * L, N].
-        bias = bias[:, :, None].expand(B, Hkv, G, L, bias.shape[-1]).reshape(B, Hkv, G * L, -1)
+        bias = bias[:, :, None].expand(B, Hkv, G, L, bias.shape[-1])
+        biases.append(bias.reshape(B, Hkv, G * L, -1))
+        seen.append(vis.any(-1)[:, :, None].expand(B, Hkv, G, L).reshape(B, Hkv, G * L))
+    if return_mass:
+        return _attend_scored(qg, parts, biases, scale, q.shape)
+    outs, lses = [], []
+    for (keys, vals, _, _), bias, sees in zip(parts, biases, seen, strict=True):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qg, _dense_rows(keys, q.dtype), _dense_rows(vals, q.dtype), 0.0, False,
             attn_mask=bias, scale=scale,
         )  # fmt: skip
-        # A query that sees nothing in a part gets lse 0 from the kernel, not -inf.
-        seen = vis.any(-1)[:, :, None].expand(B, Hkv, G, L).reshape(B, Hkv, G * L)
         outs.append(out.float())
-        lses.append(torch.where(seen, lse, -torch.inf))
-        biases.append(bias)
+        # A query that sees nothing in a part gets lse 0 from the kernel, not -inf.
+        lses.append(torch.where(sees, lse, -torch.inf))
     lse = torch.stack(lses)  # [parts, B, Hkv, G * L]
     top = lse.amax(0)
-    top = torch.where(torch.isfinite(top), top, 0)
-    w = torch.exp(lse - top)
-    total = w.sum(0)
-    w = w / total.clamp_min(1e-30)
+    w = torch.exp(lse - torch.where(torch.isfinite(top), top, 0))
+    w = w / w.sum(0).clamp_min(1e-30)
     out = (torch.stack(outs) * w[..., None]).sum(0).reshape(B, Hq, L, D).to(q.dtype)
-    if not return_mass:
-        return out, q.new_zeros(0, dtype=torch.float32)
-    # Rows that see nothing get lse +inf, so their probabilities are exactly 0.
-    lse_all = torch.where(total > 0, top + total.log(), torch.inf)[..., None]
-    mass = [
-        torch.exp(torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale + bias - lse_all)
-        .sum(2)
+    return out, q.new_zeros(0, dtype=torch.float32)
+
+
+def _attend_scored(
+    qg: Tensor, parts: list, biases: list[Tensor], scale: float, shape: torch.Size
+) -> tuple[Tensor, Tensor]:
+    """:func:`attend_sdpa` with the mass: explicit scores ``[B, H_kv, G·L, N]`` per part, one
+    softmax over the parts, then the output and the mass from the same probabilities."""
+    scores = [
+        torch.matmul(qg, keys.to(qg.dtype).transpose(-1, -2)).float() * scale + bias
         for (keys, *_), bias in zip(parts, biases, strict=True)
-    ]  # fmt: skip
-    return out, torch.cat(mass, dim=2)
+    ]
+    top = torch.stack([s.amax(-1) for s in scores]).amax(0, keepdim=True)[0, ..., None]
+    top = torch.where(torch.isfinite(top), top, 0)
+    probs = [torch.exp(s - top) for s in scores]
+    # Rows that see nothing have total 0: their probabilities and output stay exactly 0.
+    total = sum(p.sum(-1, keepdim=True) for p in probs).clamp_min(1e-30)
+    probs = [p / total for p in probs]
+    out = sum(torch.matmul(p, vals.float()) for p, (_, vals, *_) in zip(probs, parts, strict=True))
+    mass = torch.cat([p.sum(2) for p in probs], dim=2)
+    return out.reshape(shape).to(qg.dtype), mass
 
 
 def window_mass(

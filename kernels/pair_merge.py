@@ -47,7 +47,8 @@ def pair_costs(
     """The slots in position order and the cost of merging each adjacent pair.
 
     Args:
-        pos: ``[B, H, C]`` int64 slot positions, ``-1`` = empty.
+        pos: ``[B, H, C]`` int64 slot positions, ``-1`` = empty; the same for every head unless
+            ``per_head`` (a shared selection keeps them so).
         score: ``[B, H, C]`` float32 selection statistic (mean attention probability).
     Returns:
         ``order [B, H, C]`` (slot of the ``i``-th lowest position, empty slots first), the
@@ -57,7 +58,8 @@ def pair_costs(
         divides pair ``j`` (``j``-th occupied slot on the left) by ``exp(j/γ)``, the reference
         code's recency factor: later pairs look cheaper.
     """
-    order = pos.argsort(dim=-1)
+    # A shared selection (not per_head) keeps every KV head's positions equal: sort one head.
+    order = (pos if per_head else pos[:, :1]).argsort(dim=-1).expand_as(pos)
     sp = pos.gather(2, order)
     ss = score.gather(2, order)
     newest = sp[..., -1:]

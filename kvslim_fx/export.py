@@ -1,8 +1,13 @@
 """AOTInductor packages: ``export`` writes a ``.pt2`` serving prefill and decode; ``load`` runs it.
 
-The package holds one compiled step (``[B, L]`` tokens, ``1 <= L <= chunk_size``) with the cache
-as inputs it mutates in place, plus metadata (method, options, state shapes) under the ``kvslim``
-key. The runner owns the cache tensors, resets them in place, and feeds long prompts in chunks.
+The package holds two compiled programs of the model's step, each taking the cache as inputs it
+mutates in place: ``step`` (``[B, L]`` tokens, ``1 <= L <= chunk_size``, the length symbolic)
+reads prompts, ``decode`` (``[B, 1]``, every shape static) generates. A static one-token step
+takes the paths a compiled decode takes (the fused CPU attention, KVSlimmer's one-pair
+selection), which a symbolic length rules out. The weights are stored once and shared by both
+programs when loaded; metadata (method, options, state shapes) sits under the ``kvslim`` key.
+The runner owns the cache tensors, resets them in place, feeds long prompts in chunks and sends
+one-token steps to ``decode``.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 from .errors import KVSlimError
 from .generate import _core, generate
 from .model import KVSlimModel, _new_token_mask, check_shapes, check_vocab
 
-FORMAT = "kvslim_fx/2"
+FORMAT = "kvslim_fx/3"
+# The programs of a package, by name: any length up to the chunk, and one token.
+PROGRAMS = ("step", "decode")
 
 
 class _Step(nn.Module):
@@ -49,7 +57,9 @@ def export(
     max_length: int | None = None,
     prompt_len: int | None = None,
 ) -> Path:
-    """Compile ``model``'s step with AOTInductor into the package ``path`` (``.pt2``).
+    """Compile ``model``'s step with AOTInductor into the package ``path`` (``.pt2``): a general
+    program for chunks of any length up to the model's chunk size and a static one-token decode
+    program (see the module docstring), the weights stored once.
 
     The package serves ``batch_size`` rows and, for a ``full`` cache, sequences of up to
     ``max_length`` tokens (default: the model's positions); ``prompt_len`` fixes a fractional
@@ -66,24 +76,12 @@ def export(
             "(its end-of-prompt compression runs eagerly); transform with prefill='bounded' to "
             "export"
         )
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise KVSlimError(f"a package's file name ends in .pt2, got {path.name!r}")
     core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
     chunk = core.chunk_size
-    example = torch.zeros(batch_size, min(chunk, 2), dtype=torch.long, device=core.device)
-    length = torch.export.Dim("length", min=1, max=max(chunk, 2))
-    dims = {1: length} if chunk > 1 else {}
-    step = _Step(core)
     buffers = core.state()
-    with torch.no_grad():
-        ep = torch.export.export(
-            step,
-            (example, example.bool(), *(b.clone() for b, _ in buffers.values())),
-            dynamic_shapes=(dims, dims, (None,) * len(buffers)),
-            strict=False,
-        )
-    state = [
-        [name, list(buf.shape), str(buf.dtype).removeprefix("torch."), fill]
-        for name, (buf, fill) in buffers.items()
-    ]
     meta = {
         "format": FORMAT,
         "method": core.method.name,
@@ -100,25 +98,48 @@ def export(
         "eos_token_id": core.eos_token_id,
         "pad_token_id": core.pad_token_id,
         "vocab_size": core.vocab_size,
-        "state": state,
+        "state": [
+            [name, list(buf.shape), str(buf.dtype).removeprefix("torch."), fill]
+            for name, (buf, fill) in buffers.items()
+        ],
     }
-    core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
-    path = Path(path)
+    options = {
+        "aot_inductor.package": True,
+        # Weights go into the archive as tensors, not into each program's library, so that
+        # the package stores them once (deduplicated by storage) and both programs share them.
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+        "aot_inductor.metadata": {"kvslim": json.dumps(meta)},
+    }
+    files = {}
+    # A one-token chunk needs no general step: decode serves every call.
+    for name in PROGRAMS if chunk > 1 else ("decode",):
+        general = name == "step"
+        example = torch.zeros(batch_size, 2 if general else 1, dtype=torch.long, device=core.device)
+        dims = {1: torch.export.Dim("length", min=1, max=chunk)} if general else {}
+        with torch.no_grad():
+            ep = torch.export.export(
+                _Step(core),
+                (example, example.bool(), *(b.clone() for b, _ in buffers.values())),
+                dynamic_shapes=(dims, dims, (None,) * len(buffers)),
+                strict=False,
+            )
+            files[name] = torch._inductor.aot_compile(
+                ep.module(check_guards=False), *ep.example_inputs, options=options
+            )
+        core.reset(batch_size=batch_size, max_length=max_length, prompt_len=prompt_len)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(
-        torch._inductor.aoti_compile_and_package(
-            ep,
-            package_path=str(path),
-            inductor_configs={"aot_inductor.metadata": {"kvslim": json.dumps(meta)}},
-        )
-    )
+    package_pt2(path, aoti_files=files)
+    return path
 
 
 class Runner:
     """A loaded package: ``runner(input_ids, attention_mask)`` → logits; ``.generate`` → tokens."""
 
-    def __init__(self, package, meta: dict) -> None:
-        self._package = package
+    def __init__(self, programs: dict, meta: dict) -> None:
+        # One-token steps take the static decode program, the rest the general step.
+        self._decode = programs["decode"]
+        self._step = programs.get("step", self._decode)
         self.meta = meta
         self.chunk_size = int(meta["chunk_size"])
         self.batch_size = int(meta["batch_size"])
@@ -164,14 +185,12 @@ class Runner:
         # The compiled step would read outside its embedding table.
         check_vocab(input_ids, self.vocab_size)
         # The compiled step assumes contiguous inputs; a column slice of a prompt is not.
-        logits = [
-            self._package(
-                input_ids[:, i : i + self.chunk_size].contiguous(),
-                valid[:, i : i + self.chunk_size].contiguous(),
-                *(tensor for tensor, _ in self.state.values()),
-            )
-            for i in range(0, input_ids.shape[1], self.chunk_size)
-        ]
+        state = [tensor for tensor, _ in self.state.values()]
+        logits = []
+        for i in range(0, input_ids.shape[1], self.chunk_size):
+            ids = input_ids[:, i : i + self.chunk_size].contiguous()
+            program = self._decode if ids.shape[1] == 1 else self._step
+            logits.append(program(ids, valid[:, i : i + self.chunk_size].contiguous(), *state))
         return torch.cat(logits, dim=1)
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
@@ -191,12 +210,15 @@ def load(path: str | Path) -> Runner:
     if bad is not None:
         raise KVSlimError(f"{path} is corrupt (bad CRC in {bad}); re-export it")
     try:
-        package = torch._inductor.aoti_load_package(str(path))
-        meta = json.loads(package.get_metadata()["kvslim"])
+        programs = load_pt2(path, load_weights_from_disk=True).aoti_runners
+        meta = json.loads(programs["decode"].get_metadata()["kvslim"])
     except KeyError:
-        raise KVSlimError(f"{path} is an AOTInductor package but not one kvslim_fx wrote") from None
+        raise KVSlimError(
+            f"{path} is an AOTInductor package but not one this kvslim_fx wrote (packages of "
+            f"format {FORMAT!r} hold the programs {', '.join(PROGRAMS)}); re-export it"
+        ) from None
     except Exception as err:
         raise KVSlimError(f"{path} could not be loaded ({type(err).__name__}: {err})") from None
     if meta.get("format") != FORMAT:
         raise KVSlimError(f"{path} has package format {meta.get('format')!r}, expected {FORMAT!r}")
-    return Runner(package, meta)
+    return Runner(programs, meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 from helpers import kv_model, prompts
@@ -40,6 +42,24 @@ def test_package_generates_the_eager_tokens(package):
     again = runner.generate(ids, mask, max_new_tokens=30, eos_token_id=[])  # reset works
     assert torch.equal(first, eager)
     assert torch.equal(again, eager)
+
+
+@pytest.mark.slow
+def test_package_holds_both_programs_and_the_weights_once(package):
+    model, path, _ = package
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        weights = sum(i.file_size for i in archive.infolist() if "/data/weights/" in i.filename)
+    programs = {n.split("/aotinductor/")[1].split("/")[0] for n in names if "/aotinductor/" in n}
+    assert programs == {"step", "decode"}
+    params = sum(p.numel() * p.element_size() for p in model.graph.parameters())
+    # Each weight tensor is pickled once (a small header each), not once per program.
+    assert params <= weights <= 1.25 * params + 2048 * len(list(model.graph.parameters()))
+
+
+def test_package_path_must_end_in_pt2(tmp_path):
+    with pytest.raises(KVSlimError, match=r"ends in \.pt2"):
+        kvslim_fx.export(kv_model("llama"), tmp_path / "model.bin")
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ def test_budget_above_sequence_is_exactly_full():
     slim = prefill_and_decode(
         kv_model("llama", "kvslimmer", 128, chunk_size=32, sink=4, recent=8), ids, mask, 10
     )
-    assert torch.equal(full, slim)
+    # Equal to rounding: a merging layout's attention computes its scores explicitly (for the
+    # mass) where full's runs the fused kernel.
+    torch.testing.assert_close(slim, full, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=4, deadline=None, derandomize=True)

@@ -408,7 +408,9 @@ def test_on_a_model_the_budget_holds_and_a_fitting_sequence_is_exactly_full(name
     full = prefill_and_decode(
         kv_model("gemma3_text", "full", 12, chunk_size=16), ids, mask, steps=3
     )
-    assert torch.equal(prefill_and_decode(model, ids, mask, steps=3), full)
+    # To rounding: the scoring methods' attention computes explicit scores, full's is fused.
+    torch.testing.assert_close(prefill_and_decode(model, ids, mask, steps=3), full, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
     assert all(layer.merge_stats[0] == 0 for layer in model.layers)
 
     ids, mask = prompts(2, 37, [0, 5], seed=2)
