@@ -161,9 +161,10 @@ def _attend_scored(
     qg: Tensor, parts: list, biases: list[Tensor], scale: float, shape: torch.Size
 ) -> tuple[Tensor, Tensor]:
     """:func:`attend_sdpa` with the mass: explicit scores ``[B, H_kv, G·L, N]`` per part, one
-    softmax over the parts, then the output and the mass from the same probabilities."""
+    softmax over the parts, then the output and the mass from the same probabilities (in
+    float32, as the reference: a no-op for a float32 cache)."""
     scores = [
-        torch.matmul(qg, keys.to(qg.dtype).transpose(-1, -2)).float() * scale + bias
+        torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale + bias
         for (keys, *_), bias in zip(parts, biases, strict=True)
     ]
     top = torch.stack([s.amax(-1) for s in scores]).amax(0, keepdim=True)[0, ..., None]
