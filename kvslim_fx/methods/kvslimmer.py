@@ -235,7 +235,7 @@ class KVSlimmer(Method):
 
         need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
         # Decode frees at most one slot: merging one pair touches two slots, not the cache.
-        # (An exported graph's step length is symbolic: it keeps the general path.)
+        # (A package's general step has a symbolic length: it keeps the general path.)
         L = k.shape[2]
         merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
         if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)

@@ -33,7 +33,7 @@ Two paths compute exactly the same result:
   reduction for the right neighbour, and writes to the two or three slots that change. The
   accumulators get ``O(C)`` elementwise updates. Only a score that looks at neighbours in
   position order (``positional``: SnapKV's pooling) sorts the ``C + 1`` positions first.
-* **general** (a chunk, or a symbolic chunk length as in the exported package's single graph):
+* **general** (a chunk, or a symbolic chunk length as in a package's general step):
   the entries are sorted by position (slots are unordered in memory), ranked by a second sort,
   and the cache's values and slot state are rewritten as a whole: ``O(N log N)`` scalars and
   ``O(N·D)`` values.
@@ -143,7 +143,7 @@ class ScoreMethod(Method):
         lifetime = {"acc": mass, "steps": seen}
         for name in self.accumulators:
             lifetime[name] = lifetime[name] + _pad(getattr(cache, name)[:, :, :C], L)
-        # A symbolic length (export's one graph for every chunk length) is not known to be 1.
+        # A symbolic length (a package's general step) is not known to be 1.
         if isinstance(L, int) and L == 1:
             self._evict_one(cache, k, v, kv_pos, pos, mass, seen, lifetime)
         else:
