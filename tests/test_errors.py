@@ -131,7 +131,8 @@ def test_unsupported_graph_names_the_architecture_and_node():
 
 
 def runner(batch: int = 2) -> Runner:
-    """A package runner whose compiled step must never run: its checks refuse the input first."""
+    """A package runner whose compiled programs must never run: its checks refuse the input
+    first."""
 
     def step(*args):
         raise AssertionError("the compiled step ran on bad input")
@@ -139,7 +140,7 @@ def runner(batch: int = 2) -> Runner:
     meta = {"chunk_size": 4, "batch_size": batch, "device": "cpu", "eos_token_id": None,
             "pad_token_id": None, "state": [], "vocab_size": 128, "capacity": None,
             "max_positions": 512}  # fmt: skip
-    return Runner(step, meta)
+    return Runner({"step": step, "decode": step}, meta)
 
 
 def refused(ids, mask, message: str, generate_message: str | None = None) -> None:
