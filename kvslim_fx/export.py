@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+# torch 2.13 has no public call that packages several AOTI programs with shared weights and
+# loads those weights (torch._inductor.package.load_package skips them); torch.export.save/load
+# use these two functions themselves.
 from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 from .errors import KVSlimError
