@@ -120,9 +120,11 @@ def test_streaming_keeps_its_sinks_and_the_newest_tokens_in_their_ring_slots():
     seed=st.integers(0, 2**16),
 )
 @example(name="kvslimmer", arch="gemma3_text", budget=12, length=17, pads=[0], steps=0, seed=0)
+@example(name="snapkv", arch="llama", budget=12, length=32, pads=[0, 0, 1], steps=0, seed=0)
 def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, length, pads, steps,
                                                        seed):  # fmt: skip
-    budget = max(budget, smallest_budget(name, {}, length + steps))
+    # generate sizes the cache for the padded width: length + the widest padding + steps.
+    budget = max(budget, smallest_budget(name, {}, length + max(pads) + steps))
     model = kvslim_fx.transform(hf_model(arch), name, budget, chunk_size=16, prefill="full")
     ids, mask = prompts(len(pads), length + max(pads), [p for p in pads], seed=seed)
     out = kvslim_fx.generate(model, ids, mask, max_new_tokens=steps, eos_token_id=[])
