@@ -130,25 +130,26 @@ def attend_sdpa(
         (k, v, torch.zeros(B, Hkv, L, device=q.device), new_pos),
     ]
     parts = [p for p in parts if p[0].shape[2] > 0]
-    biases, seen = [], []
+    visible, biases = [], []
     for _, _, logc, k_pos in parts:
         vis = _visible(q_pos[:, None, :, None], k_pos[:, :, None, :], window, sink, recent)
         bias = torch.where(vis, logc[:, :, None, :], -torch.inf)  # [B, Hkv, L, N]
         # Each query head of the group uses its KV head's mask: [B, Hkv, G * L, N].
         bias = bias[:, :, None].expand(B, Hkv, G, L, bias.shape[-1])
+        visible.append(vis)
         biases.append(bias.reshape(B, Hkv, G * L, -1))
-        seen.append(vis.any(-1)[:, :, None].expand(B, Hkv, G, L).reshape(B, Hkv, G * L))
     if return_mass:
         return _attend_scored(qg, parts, biases, scale, q.shape)
     outs, lses = [], []
-    for (keys, vals, _, _), bias, sees in zip(parts, biases, seen, strict=True):
+    for (keys, vals, _, _), bias, vis in zip(parts, biases, visible, strict=True):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qg, _dense_rows(keys, q.dtype), _dense_rows(vals, q.dtype), 0.0, False,
             attn_mask=bias, scale=scale,
         )  # fmt: skip
         outs.append(out.float())
         # A query that sees nothing in a part gets lse 0 from the kernel, not -inf.
-        lses.append(torch.where(sees, lse, -torch.inf))
+        seen = vis.any(-1)[:, :, None].expand(B, Hkv, G, L).reshape(B, Hkv, G * L)
+        lses.append(torch.where(seen, lse, -torch.inf))
     lse = torch.stack(lses)  # [parts, B, Hkv, G * L]
     top = lse.amax(0)
     w = torch.exp(lse - torch.where(torch.isfinite(top), top, 0))
