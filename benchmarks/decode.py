@@ -481,7 +481,7 @@ class KVSlimDecoder:
             state = self.model.state
             keys = [t for name, (t, _) in state.items() if name.rsplit(".", 1)[-1] == "k"]
         else:
-            keys = [layer.k for layer in self.core.layers]
+            keys = [layer.storage.k for layer in self.core.layers]
         # k is [B, H_kv, capacity + 1 (the trash slot), D]; V is the same size.
         return [
             (2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size(), k.shape[2] - 1)

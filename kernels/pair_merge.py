@@ -1,26 +1,21 @@
-"""KVSlimmer's merges as two registered ops: pick the cheapest adjacent pair, merge pairs.
+"""Pair merges as two registered ops: pick the cheapest adjacent pair; merge rows by weights.
 
 A slot cache is unordered in memory; "adjacent" means adjacent in position order. A merge event
-joins disjoint pairs of adjacent slots (the merge schedule guarantees disjoint pairs suffice),
-so it touches two slots per pair: ``O(D)`` per pair, never a rewrite of the whole cache.
+joins disjoint pairs of slots, so it touches two rows per pair: ``O(D)`` per pair, never a
+rewrite of the whole cache.
 
 * ``kvslim::select_pair(pos, score, sink, recent, per_head, gamma) -> (first, second, ok)``:
-  decode's one pair, the slots with the lowest ``score_i + score_{i+1}`` (position order;
+  KVSlimmer's decode pair, the slots with the lowest ``score_i + score_{i+1}`` (position order;
   averaged over the KV heads unless ``per_head``; divided by the reference code's recency factor
   ``exp(j/γ)`` when ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
   Chunked prefill picks its pairs with ``KVSlimmer``'s ``disjoint_cheapest`` over the same costs.
-* ``kvslim::merge_pairs(k, v, logc, pos, hess, score, steps, alpha, out, first, second, do,
-  inv_freq, rotary_dim, convex, eps) -> fallback``: for each pair ``p`` where ``do``, slot
-  ``second`` becomes the merge and slot ``first`` is emptied (in place). The merged key is the
-  closed-form ``k* = (A k₁' + B k₂)/(A + B)``, ``A = h₁ − h₁₂``, ``B = h₂ − h₁₂``,
-  ``h₁₂ = α₁α₂‖m₁ + m₂ − 2o‖₂``, with ``k₁'`` the earlier key rotated forward by the position
-  gap; the score-weighted mean where the quadratic is not convex (``fallback``). Values merge as
-  cardinality-weighted means, cardinalities and scores add, the Hessian proxy propagates as
-  ``a²h₁ + b²h₂``; the survivor keeps its position and step count. Decode calls it with one
-  pair, prefill with all of a chunk's pairs.
+* ``kvslim::merge_rows(k, v, src, dst, do, key_src, key_dst, value_src, value_dst, gap,
+  inv_freq, rotary_dim)``: the dense storage's merge. Row ``dst`` becomes the weighted sum of
+  the two rows, the source key first rotated forward by the position gap (post-RoPE rows). The
+  weights are the policy's plan (KVSlimmer's closed form, WeightedKV's fold); the op knows no
+  method.
 
 The references below are what CPU runs; CUDA runs the Triton twins in ``pair_merge_triton``.
-The merge reference is ``run_merge.merge_runs`` on runs of two.
 """
 
 from __future__ import annotations
@@ -29,16 +24,13 @@ import torch
 from torch import Tensor
 
 from .registry import HAS_TRITON, kernel_op
-from .run_merge import adjacent_coupling, merge_runs
+from .run_merge import rope_rotate
 
 if HAS_TRITON:
-    from .pair_merge_triton import merge_pairs_triton, select_pair_triton
+    from .pair_merge_triton import merge_rows_triton, select_pair_triton
 
-__all__ = ["merge_pairs", "merge_pairs_reference", "pair_costs", "select_pair",
+__all__ = ["merge_rows", "merge_rows_reference", "pair_costs", "select_pair",
            "select_pair_reference"]  # fmt: skip
-
-# Per-slot buffers a merge rewrites and the value an emptied slot gets.
-EMPTY = {"k": 0.0, "v": 0.0, "logc": 0.0, "pos": -1, "hess": 0.0, "score": 0.0, "steps": 0.0}
 
 
 def pair_costs(
@@ -86,6 +78,48 @@ def select_pair_reference(
     return order.gather(2, best)[..., 0], order.gather(2, best + 1)[..., 0], ok[..., 0]
 
 
+def merge_rows_reference(
+    k: Tensor,
+    v: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    do: Tensor,
+    key_src: Tensor | None,
+    key_dst: Tensor | None,
+    value_src: Tensor,
+    value_dst: Tensor,
+    gap: Tensor,
+    inv_freq: Tensor | None,
+    rotary_dim: int,
+) -> None:
+    """Merge row ``src[b, h, p]`` into row ``dst[b, h, p]`` where ``do``, in place, in float32::
+
+        k[dst] = key_src · R(gap) k[src] + key_dst · k[dst]      (keys: only if weights given)
+        v[dst] = value_src · v[src] + value_dst · v[dst]
+
+    ``R(gap)`` rotates the earlier key forward by the position gap (post-RoPE rows; identity
+    without ``inv_freq``). Row ``src`` keeps what it holds: the cache marks it empty. The pairs
+    of a row and head must be disjoint (no row is both a source and a destination).
+
+    Args:
+        k, v: ``[B, H, R, D]`` rows (mutated).
+        src, dst: ``[B, H, P]`` int64 rows; ``do [B, H, P]`` bool.
+        key_src, key_dst, value_src, value_dst: ``[B, H, P]`` float32 weights (keys: both None
+            to leave keys alone).
+        gap: ``[B, H, P]`` int64 ``pos[dst] - pos[src]``.
+        inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
+    """
+    if key_src is not None:
+        k_src = rope_rotate(_gather(k, src).float(), gap, inv_freq, rotary_dim)
+        merged = key_src[..., None] * k_src + key_dst[..., None] * _gather(k, dst).float()
+        _put(k, dst, merged, do)
+    merged = (
+        value_src[..., None] * _gather(v, src).float()
+        + value_dst[..., None] * _gather(v, dst).float()
+    )
+    _put(v, dst, merged, do)
+
+
 def _gather(x: Tensor, slots: Tensor) -> Tensor:
     """``x[b, h, slots[b, h]]`` for ``slots [B, H, K]``: ``[B, H, K]`` or ``[B, H, K, D]``."""
     idx = slots if x.dim() == 3 else slots[..., None].expand(*slots.shape, x.shape[-1])
@@ -103,60 +137,6 @@ def _put(x: Tensor, slots: Tensor, value: Tensor, where: Tensor) -> None:
     x.index_put_((rows, heads, slots), torch.where(keep, value.to(x.dtype), _gather(x, slots)))
 
 
-def merge_pairs_reference(
-    k: Tensor,
-    v: Tensor,
-    logc: Tensor,
-    pos: Tensor,
-    hess: Tensor,
-    score: Tensor,
-    steps: Tensor,
-    alpha: Tensor,
-    out: Tensor,
-    first: Tensor,
-    second: Tensor,
-    do: Tensor,
-    inv_freq: Tensor | None,
-    rotary_dim: int,
-    convex: bool,
-    eps: float,
-) -> Tensor:
-    """Merge slot ``first[b, h, p]`` into slot ``second[b, h, p]`` where ``do``; returns
-    ``fallback [B, H, P]``. The pairs of a row and head must be disjoint.
-
-    Each pair, ``first`` the earlier, is one run of two of :func:`~.run_merge.merge_runs`.
-
-    Args:
-        k, v: ``[B, H, N, D]`` post-RoPE keys and mean values (mutated).
-        logc, hess, score, steps: ``[B, H, N]`` float32 slot state (mutated); pos ``[B, H, N]``
-            int64 (mutated).
-        alpha: ``[B, H, C]`` (``C ≤ N``) the step's attention probability per slot, as the
-            Hessian proxy normalises it.
-        out: ``[B, H, D]`` float32 the attention output ``Σ α_j m_j`` that goes with ``alpha``.
-        first, second: ``[B, H, P]`` int64 slots; ``do [B, H, P]`` bool.
-        inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
-        convex: clip the closed-form weights to ``[0, 1]`` (``k*`` on the segment between the
-            two keys; the paper's ``k*`` may extrapolate where ``h₁₂`` exceeds one ``h``).
-    """
-    B, H, P = first.shape
-    members = torch.stack([first, second], dim=-1).flatten(-2)  # [B, H, 2P]: f0 s0 f1 s1 ...
-    m = _gather(v, members).float()
-    within = torch.arange(2 * P - 1, device=first.device) % 2 == 0  # edge (f_p, s_p)
-    merged = merge_runs(
-        _gather(k, members).float(), m, _gather(logc, members), _gather(hess, members),
-        _gather(score, members), _gather(pos, members),
-        adjacent_coupling(_gather(alpha, members), m, out[:, :, None]),
-        within.expand(B, H, -1), inv_freq, rotary_dim, convex, eps,
-    )  # fmt: skip
-    buffers = {"k": k, "v": v, "logc": logc, "pos": pos, "hess": hess, "score": score,
-               "steps": steps}  # fmt: skip
-    for name in ("k", "v", "logc", "hess", "score"):
-        _put(buffers[name], second, getattr(merged, name)[:, :, 1::2], do)
-    for name, buf in buffers.items():
-        _put(buf, first, torch.full_like(_gather(buf, first), EMPTY[name]), do)
-    return merged.fallback[:, :, 1::2] & do
-
-
 @kernel_op("kvslim::select_pair")
 def select_pair(
     pos: Tensor, score: Tensor, sink: int, recent: int, per_head: bool, gamma: float = 0.0
@@ -167,28 +147,24 @@ def select_pair(
     return select_pair_reference(pos, score, sink, recent, per_head, gamma)
 
 
-@kernel_op("kvslim::merge_pairs", mutates_args=("k", "v", "logc", "pos", "hess", "score", "steps"))
-def merge_pairs(
+@kernel_op("kvslim::merge_rows", mutates_args=("k", "v"))
+def merge_rows(
     k: Tensor,
     v: Tensor,
-    logc: Tensor,
-    pos: Tensor,
-    hess: Tensor,
-    score: Tensor,
-    steps: Tensor,
-    alpha: Tensor,
-    out: Tensor,
-    first: Tensor,
-    second: Tensor,
+    src: Tensor,
+    dst: Tensor,
     do: Tensor,
+    key_src: Tensor | None,
+    key_dst: Tensor | None,
+    value_src: Tensor,
+    value_dst: Tensor,
+    gap: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
-    convex: bool,
-    eps: float,
-) -> Tensor:
+) -> None:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
-    args = (k, v, logc, pos, hess, score, steps, alpha, out, first, second, do, inv_freq,
-            rotary_dim, convex, eps)  # fmt: skip
+    args = (k, v, src, dst, do, key_src, key_dst, value_src, value_dst, gap, inv_freq, rotary_dim)
     if k.is_cuda and HAS_TRITON:
-        return merge_pairs_triton(*args)
-    return merge_pairs_reference(*args)
+        merge_rows_triton(*args)
+    else:
+        merge_rows_reference(*args)

@@ -1,8 +1,8 @@
 r"""KVSlimmer's merge arithmetic: Hessian proxies, and the closed-form merge of runs of slots.
 
-The one PyTorch definition: ``kvslim::merge_pairs``' reference calls it on runs of two (every
-merge KVSlimmer makes, in prefill and decode); the Triton kernel in ``pair_merge_triton`` is
-that reference's GPU twin. Runs of more slots are defined (and tested) for completeness.
+The one PyTorch definition: KVSlimmer's plans take their weights from it on runs of two (every
+merge KVSlimmer makes, in prefill and decode), and a storage applies them (the dense one with
+``kvslim::merge_rows``). Runs of more slots are defined (and tested) for completeness.
 
 A slot ``j`` holds a post-RoPE key ``k_j``, a *mean* value ``m_j`` and a cardinality ``c_j``.
 With logits ``s_j`` and ``α = softmax(s + log c)`` the attention output is ``o = Σ_j α_j m_j``;
@@ -109,8 +109,10 @@ class MergedRuns(NamedTuple):
     are a merge; a slot alone in its run gets itself back up to rounding.
     """
 
-    k: Tensor  # closed-form key, in the survivor's RoPE frame
+    k: Tensor | None  # closed-form key, in the survivor's RoPE frame (None: no keys given)
     v: Tensor  # cardinality-weighted mean value
+    weight: Tensor  # each member's key weight (summing to 1 over a run)
+    share: Tensor  # each member's value weight c_i / Σ c (summing to 1 over a run)
     logc: Tensor  # log of the summed cardinalities
     hess: Tensor  # Σ_i w_i² h_i
     score: Tensor  # summed selection statistic
@@ -121,7 +123,7 @@ class MergedRuns(NamedTuple):
 
 
 def merge_runs(
-    keys: Tensor,
+    keys: Tensor | None,
     means: Tensor,
     logc: Tensor,
     hess: Tensor,
@@ -150,7 +152,7 @@ def merge_runs(
     Computes in the dtype of the inputs.
 
     Args:
-        keys: ``[B, H_kv, N, D]`` post-RoPE keys.
+        keys: ``[B, H_kv, N, D]`` post-RoPE keys, or None when only the weights are wanted.
         means: ``[B, H_kv, N, D]`` mean values.
         logc, hess, score: ``[B, H_kv, N]`` log cardinality, Hessian proxy, selection statistic.
         pos: ``[B, H_kv, N]`` int64 positions, ascending.
@@ -186,12 +188,17 @@ def merge_runs(
         weight = weight / run_total(weight)
 
     last_pos = run_total(torch.where(joined_right, 0, pos))
-    keys = rope_rotate(keys, last_pos - pos, inv_freq, rotary_dim)
+    k = None
+    if keys is not None:
+        keys = rope_rotate(keys, last_pos - pos, inv_freq, rotary_dim)
+        k = run_total(weight[..., None] * keys)
     card = logc.exp()
     c_total = run_total(card)
     return MergedRuns(
-        k=run_total(weight[..., None] * keys),
+        k=k,
         v=run_total(card[..., None] * means) / c_total[..., None],
+        weight=weight,
+        share=card / c_total,
         logc=c_total.log(),
         hess=run_total(weight**2 * hess),
         score=s_total,

@@ -1,14 +1,20 @@
 """One attention layer's fixed-capacity slot cache: the module the SDPA pass swaps in.
 
-State per layer (buffers, mutated in place so ``torch.compile`` and AOTInductor carry them):
+The cache joins a token policy (``method``: which tokens to keep, evict or merge) and a storage
+(``storage``: how the K/V rows live and are read). It owns the slot bookkeeping, as buffers
+mutated in place so ``torch.compile`` and AOTInductor carry them:
 
-* ``k``, ``v``: ``[B, H_kv, C + 1, D]`` post-RoPE keys and mean values, in the model's dtype;
 * ``logc``: ``[B, H_kv, C + 1]`` float32 log cardinality (0 for a slot holding one token);
 * ``pos``: ``[B, H_kv, C + 1]`` int64 position of each slot's (last) token, ``-1`` = empty;
-* whatever per-slot state the method declares (``[B, H_kv, C + 1]`` each), and
-  ``merge_stats [4]`` (float64) for the methods that store tokens themselves: tokens merged
-  or dropped, fallbacks (KVSlimmer's closed form, WeightedKV's fold weights), the most tokens
-  one step merged or dropped in one row and KV head, and the most slots one merge joined.
+* whatever per-slot statistics the policy declares (``[B, H_kv, C + 1]`` each), and
+  ``merge_stats [4]`` (float64): tokens merged or dropped, fallbacks (KVSlimmer's closed form,
+  WeightedKV's fold weights), the most tokens one step merged or dropped in one row and KV head,
+  and the most slots one merge joined.
+
+A step attends over the slots and the new tokens, then stores the new tokens: by the layout's
+ring rule, or by the plan the policy returns (:class:`~kvslim_fx.plan.Plan`), which
+:meth:`LayerCache.apply` carries out, the only code that writes the buffers. Whether a step is
+one token (decode: ``Method.plan_one``) or a chunk (``Method.plan``) is decided here, once.
 
 The extra last slot is a trash slot: padding and tokens superseded within their own chunk are
 written there with position ``-1``, which keeps every write a static-shape ``index_put_``.
@@ -19,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels.attention import window_mass  # (importing it registers kvslim::attend)
 from .methods import Method, SlotLayout
-from .passes.rope import RopeFacts
-from .passes.sdpa import AttentionSite
+from .methods.scoring import fold_right
+from .plan import Plan
+from .storage import Storage
 
 _BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
 
@@ -30,14 +36,14 @@ _BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
 class LayerCache(nn.Module):
     """Cached attention for one layer: attend over slots ∪ new tokens, then store the new tokens."""
 
-    def __init__(self, site: AttentionSite, method: Method, rope: RopeFacts | None = None) -> None:
+    def __init__(self, method: Method, storage: Storage) -> None:
         super().__init__()
-        self.site = site
         self.method = method
-        self.rope = rope
+        self.storage = storage
+        self.site = storage.site
         self.layout: SlotLayout | None = None
         self.slot_state = {**_BASE_STATE, **method.slot_state()}
-        for name in ("k", "v", "merge_stats", *self.slot_state):
+        for name in ("merge_stats", *self.slot_state):
             self.register_buffer(name, torch.empty(0), persistent=False)
         # The prompt's last queries [B, H_q, W, D] and their positions [B, W], kept while a
         # question-aware prefill fills the cache (plain tensors: not part of the decode state).
@@ -60,31 +66,23 @@ class LayerCache(nn.Module):
 
         ``observe > 0``: keep the last ``observe`` queries for :meth:`end_prompt`.
         """
-        self.layout = self.method.layout(slots, self.site.window)
+        self.layout = self.method.layout(slots, self.site.window, self.site.layer)
+        s = self.site
         if observe:
-            s = self.site
             self.window_q = torch.zeros(batch, s.num_q_heads, observe, s.head_dim, dtype=dtype,
                                         device=device)  # fmt: skip
             self.window_pos = torch.full((batch, observe), -1, dtype=torch.long, device=device)
         else:
             self.window_q = self.window_pos = None
-        s = self.site
         shape = (batch, s.num_kv_heads, self.layout.capacity + 1)
-        if self.pos.shape != shape or self.k.dtype != dtype or self.k.device != device:
-            self.k = torch.zeros(*shape, s.head_dim, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
+        self.storage.allocate(batch, shape[2], dtype, device)
+        if self.pos.shape != shape or self.pos.device != device:
             for name, (state_dtype, _) in self.slot_state.items():
                 setattr(self, name, torch.empty(shape, dtype=state_dtype, device=device))
             self.merge_stats = torch.zeros(4, dtype=torch.float64, device=device)
         for name, (_, fill) in self.slot_state.items():
             getattr(self, name).fill_(fill)
         self.merge_stats.zero_()
-
-    def record_event(self, count: Tensor, joined: Tensor | int = 0) -> None:
-        """Keep the largest ``count [B, H]`` of tokens one step merged or dropped, and the
-        largest number of slots one merge ``joined`` (``merge_stats[2:]``)."""
-        most = torch.stack([count.max().double(), torch.as_tensor(joined).max().double()])
-        self.merge_stats[2:] = torch.maximum(self.merge_stats[2:], most)
 
     def diagnostics(self) -> dict[str, float]:
         """What would reveal a degenerate regime: occupancy, the largest slots, merge counts.
@@ -109,9 +107,11 @@ class LayerCache(nn.Module):
         }
 
     def nbytes(self) -> int:
-        """Bytes of the ``capacity`` slots (K, V and per-slot state; the trash slot excluded)."""
-        tensors = [self.k, self.v, *(getattr(self, n) for n in self.slot_state)]
-        per_slot = sum(t[:, :, :1].numel() * t.element_size() for t in tensors)
+        """Bytes of the ``capacity`` slots (the storage's rows and the per-slot state; the trash
+        slot excluded)."""
+        state = [getattr(self, n) for n in self.slot_state]
+        per_slot = self.storage.slot_bytes() + sum(t[:, :, :1].numel() * t.element_size()
+                                                   for t in state)  # fmt: skip
         return per_slot * self.capacity
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_pos: Tensor) -> Tensor:
@@ -121,36 +121,159 @@ class LayerCache(nn.Module):
             W = self.window_q.shape[2]
             self.window_q.copy_(torch.cat([self.window_q, q], dim=2)[:, :, -W:])
             self.window_pos.copy_(torch.cat([self.window_pos, kv_pos], dim=1)[:, -W:])
-        out, mass = torch.ops.kvslim.attend(
-            q, k, v, self.k, self.v, self.method.attention_logc(self.logc), self.pos, kv_pos,
-            self.site.scale, self.site.window, lay.sink, lay.recent, lay.merges,
+        out, mass = self.storage.attend(
+            q, k, v, self.method.attention_logc(self.logc), self.pos, kv_pos, lay.sink,
+            lay.recent, lay.merges,
         )  # fmt: skip
-        if lay.merges:
-            self.method.update(self, k, v, kv_pos, mass)
-        else:
-            self.write_ring(k, v, kv_pos)
+        self.store(k, v, kv_pos, mass)
         return out
+
+    def store(self, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
+        """Store a step's new tokens after attention (``mass`` as ``attend``'s): by the ring rule,
+        or by the policy's plan, the one-token rule for a step known to be one token."""
+        if not self.layout.merges:
+            self.write_ring(k, v, kv_pos)
+            return
+        # A symbolic length (a package's general step) is not known to be 1.
+        L = k.shape[2]
+        if isinstance(L, int) and L == 1:
+            plan = self.method.plan_one(self, k, v, kv_pos, mass)
+        else:
+            plan = self.method.plan(self, k, v, kv_pos, mass)
+        self.apply(plan, k, v, kv_pos)
 
     def window_mass(self) -> tuple[Tensor, Tensor]:
         """The attention of the prompt's last queries (those the layer keeps: the method's
         ``observe``, at most the model's ``prefill_window``) over the cache: ``mass`` and ``seen``
         ``[B, H_kv, C]`` (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
         C = self.capacity
-        return window_mass(
-            self.window_q, self.window_pos, self.k[:, :, :C],
-            self.method.attention_logc(self.logc[:, :, :C]), self.pos[:, :, :C],
-            self.site.scale, self.site.window,
-        )  # fmt: skip
+        logc = self.method.attention_logc(self.logc[:, :, :C])
+        return self.storage.window_mass(self.window_q, self.window_pos, logc,
+                                        self.pos[:, :, :C], C)  # fmt: skip
 
     def end_prompt(self, slots: int) -> None:
-        """Compress a cache that holds the whole prompt to ``slots`` per layer, once, scored by
-        the prompt's last queries; then hold ``slots`` (the method's layout for them) from here.
-        """
-        self.method.compress_prompt(self, slots)
+        """Compress a cache that holds the whole prompt to ``slots`` per layer, scored by the
+        prompt's last queries (the policy's plans, applied one by one: a policy may re-score
+        between rounds); then hold ``slots`` (the method's layout for them) from here."""
+        B, H = self.pos.shape[:2]
+        none = self.storage.values().new_zeros(B, H, 0, self.site.head_dim)
+        no_pos = self.pos.new_zeros(B, 0)
+        for plan in self.method.prompt_plans(self, slots):
+            self.apply(plan, none, none, no_pos)
         self.window_q = self.window_pos = None
-        layout = self.method.layout(slots, self.site.window)
+        layout = self.method.layout(slots, self.site.window, self.site.layer)
         if layout != self.layout:
             self._compact(layout)
+
+    # --- the one writer ---------------------------------------------------------------------
+
+    def apply(self, plan: Plan, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+        """Carry out ``plan`` (see :class:`~kvslim_fx.plan.Plan` for the order) for the step's
+        new tokens ``k, v [B, H_kv, L, D]`` at ``kv_pos [B, L]`` (``L`` may be 0)."""
+        C = self.capacity
+        for name, value in plan.state.items():
+            getattr(self, name)[:, :, :C] = value
+        if plan.stage:  # the new token waits in the trash row, where the merge may read it
+            trash = torch.full_like(kv_pos[:, None, :].expand(*k.shape[:3]), C)
+            self.storage.write(trash, k, v)
+        if plan.merge is not None:
+            self._merge(plan.merge)
+        if plan.fold is not None:
+            v = self._fold(plan.fold, v)
+        if plan.drop is not None:
+            for name, (_, fill) in self.slot_state.items():
+                getattr(self, name)[:, :, :C].masked_fill_(plan.drop, fill)
+        self._store(plan, k, v, kv_pos)
+        if plan.events is not None:
+            self.merge_stats[0] += plan.events.sum().double()
+            most = torch.stack([plan.events.max().double(),
+                                torch.as_tensor(plan.joined).max().double()])  # fmt: skip
+            self.merge_stats[2:] = torch.maximum(self.merge_stats[2:], most)
+        if plan.fallbacks is not None:
+            self.merge_stats[1] += plan.fallbacks.sum().double()
+
+    def _merge(self, merge) -> None:
+        """Pairs of rows: the storage combines them, the bookkeeping follows (``dst`` keeps its
+        position, ``src`` is emptied; cardinalities add when the values are means)."""
+        pos = self.pos
+        gap = _at(pos, merge.dst) - _at(pos, merge.src)
+        self.storage.merge(merge.src, merge.dst, merge.do, merge.key, merge.value, gap)
+        if merge.counts:
+            card = _at(self.logc, merge.src).exp() + _at(self.logc, merge.dst).exp()
+            _put(self.logc, merge.dst, card.log(), merge.do)
+        for name, value in merge.state.items():
+            _put(getattr(self, name), merge.dst, value, merge.do)
+        for name, (_, fill) in self.slot_state.items():
+            _put(getattr(self, name), merge.src, torch.full_like(_at(pos, merge.src), fill,
+                                                                 dtype=getattr(self, name).dtype),
+                 merge.do)  # fmt: skip
+
+    def _fold(self, fold, v: Tensor) -> Tensor:
+        """Fold runs of dropped entries' values rightwards in position order; rewrites the slots'
+        values and returns the new tokens' ``v``."""
+        C = self.capacity
+        values = torch.cat([self.storage.values()[:, :, :C].float(), v.float()], dim=2)
+        index = fold.order[..., None].expand_as(values)
+        merged, fallback = fold_right(values.gather(2, index), fold.weight, fold.drop)
+        merged = torch.empty_like(merged).scatter_(2, index, merged)
+        slots = torch.arange(C, device=v.device).expand(*v.shape[:2], C)
+        self.storage.write(slots, None, merged[:, :, :C])
+        self.merge_stats[1] += fallback.sum().double()
+        return merged[:, :, C:].to(v.dtype)
+
+    def _store(self, plan: Plan, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+        """Store the step's new tokens where the plan says, with their state."""
+        B, H, L, _ = k.shape
+        C = self.capacity
+        kv_pos = kv_pos[:, None, :].expand(B, H, L)
+        if plan.slot is not None:
+            slot = plan.slot
+        else:
+            keep = kv_pos >= 0 if plan.keep is None else plan.keep & (kv_pos >= 0)
+            slot = self._free_slots(keep)
+        if plan.stage:  # the staged token (merged or not) moves from the trash row
+            k, v = self.storage.rows(torch.full_like(slot, C))
+        self.storage.write(slot, k, v)
+        index = _index(slot)
+        self.pos.index_put_(index, torch.where(slot == C, -1, kv_pos))
+        for name, value in plan.new_state.items():
+            state = getattr(self, name)
+            state.index_put_(index, value.to(state.dtype).expand(B, H, L))
+        for name, (dtype, fill) in self.slot_state.items():
+            if name not in ("pos", *plan.new_state):
+                getattr(self, name).index_put_(
+                    index, torch.full((), fill, dtype=dtype, device=k.device).expand(B, H, L)
+                )
+
+    def _free_slots(self, keep: Tensor) -> Tensor:
+        """``[B, H, L]`` the empty slots, lowest first, for the new tokens where ``keep``
+        (``[B, H, L]``); ``C`` (the trash slot) for the others and for those that find none."""
+        C = self.capacity
+        free = self.pos[:, :, :C] < 0  # [B, H, C]
+        if keep.shape[-1] == 1 and isinstance(keep.shape[-1], int):
+            slots = torch.arange(C, device=keep.device)
+            lowest = torch.where(free, slots, C).amin(dim=-1, keepdim=True)
+            return torch.where(keep, lowest, C)
+        rank = free.long().cumsum(-1) - 1
+        # slots_by_rank[b, h, i] = the i-th free slot (trash beyond the free ones).
+        slots_by_rank = torch.full_like(self.pos, C)
+        slots = torch.arange(C, device=keep.device).expand_as(rank)
+        slots_by_rank.scatter_(2, torch.where(free, rank, C), slots)
+        token_rank = (keep.long().cumsum(-1) - 1).clamp_min(0)
+        return torch.where(keep, slots_by_rank.gather(2, token_rank), C)
+
+    def write_ring(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+        """Store the new tokens by the layout's sink + ring rule (overwriting = evicting)."""
+        lay = self.layout
+        r = kv_pos
+        slot = torch.where(r < lay.sink, r, lay.sink + (r - lay.sink) % lay.ring)
+        # A token whose ring slot is taken again later in the same chunk is never stored.
+        last = r.amax(dim=1, keepdim=True)
+        dropped = (r < 0) | ((r >= lay.sink) & (r + lay.ring <= last))
+        B, H, L, _ = k.shape
+        slot = torch.where(dropped, lay.capacity, slot)[:, None, :].expand(B, H, L)
+        self.storage.write(slot, k, v)
+        self.pos.index_put_(_index(slot), torch.where(dropped, -1, r)[:, None, :].expand(B, H, L))
 
     def _compact(self, layout: SlotLayout) -> None:
         """Move the kept slots into buffers of ``layout``'s capacity (positions unchanged).
@@ -176,65 +299,27 @@ class LayerCache(nn.Module):
             source = source.scatter(2, target, slots)[..., :N]
             keep = torch.zeros(*pos.shape[:2], N + 1, dtype=torch.bool, device=pos.device)
             keep = keep.scatter(2, target, stays)[..., :N]
-        names, D = ("k", "v", *self.slot_state), self.site.head_dim
-        fills = {"k": 0.0, "v": 0.0} | {n: fill for n, (_, fill) in self.slot_state.items()}
-        for name in names:
+        self.storage.take(source, keep)
+        for name, (_, fill) in self.slot_state.items():
             old = getattr(self, name)
-            idx = source if old.dim() == 3 else source[..., None].expand(*source.shape, D)
-            kept = old[:, :, :C].gather(2, idx)
-            mask = keep if old.dim() == 3 else keep[..., None]
-            new = torch.full((*old.shape[:2], N + 1, *old.shape[3:]), fills[name], dtype=old.dtype,
-                             device=old.device)  # fmt: skip
-            new[:, :, :N] = torch.where(mask, kept, fills[name])
-            setattr(self, name, new)
+            kept = torch.where(keep, old[:, :, :C].gather(2, source), fill)
+            setattr(self, name, torch.cat([kept, torch.full_like(kept[:, :, :1], fill)], dim=2))
         self.layout = layout
 
-    def write_ring(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
-        """Store the new tokens by the layout's sink + ring rule (overwriting = evicting)."""
-        lay = self.layout
-        r = kv_pos
-        slot = torch.where(r < lay.sink, r, lay.sink + (r - lay.sink) % lay.ring)
-        # A token whose ring slot is taken again later in the same chunk is never stored.
-        last = r.amax(dim=1, keepdim=True)
-        dropped = (r < 0) | ((r >= lay.sink) & (r + lay.ring <= last))
-        self._put(torch.where(dropped, lay.capacity, slot), k, v, torch.where(dropped, -1, r), {})
 
-    def write_free(self, k: Tensor, v: Tensor, kv_pos: Tensor, state: dict[str, Tensor]) -> None:
-        """Store the new tokens in the empty slots, lowest first (the method made enough room).
+def _index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``index_put_`` indices of slots ``[B, H, M]``."""
+    B, H, _ = slot.shape
+    rows = torch.arange(B, device=slot.device)[:, None, None]
+    heads = torch.arange(H, device=slot.device)[None, :, None]
+    return rows, heads, slot
 
-        ``kv_pos`` is ``[B, L]``, or ``[B, H_kv, L]`` when a method keeps different new tokens
-        per head (``-1``: not stored). ``state`` gives the method's per-slot state of the new
-        tokens, ``[B, H_kv, L]`` each.
-        """
-        C = self.capacity
-        B, H, L, _ = k.shape
-        free = self.pos[:, :, :C] < 0  # [B, H, C]
-        rank = free.long().cumsum(-1) - 1
-        # slots_by_rank[b, h, i] = the i-th free slot (trash beyond the free ones).
-        slots_by_rank = torch.full_like(self.pos, C)
-        slots = torch.arange(C, device=k.device).expand_as(rank)
-        slots_by_rank.scatter_(2, torch.where(free, rank, C), slots)
-        kv_pos = kv_pos if kv_pos.dim() == 3 else kv_pos[:, None, :].expand(B, H, L)
-        real = kv_pos >= 0
-        token_rank = (real.long().cumsum(-1) - 1).clamp_min(0)
-        slot = torch.where(real, slots_by_rank.gather(2, token_rank), C)
-        pos = torch.where(slot == C, -1, kv_pos)
-        self._put(slot, k, v, pos, state)
 
-    def _put(
-        self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor, state: dict[str, Tensor]
-    ) -> None:
-        """Write ``k, v [B, H, L, D]`` and ``pos`` into ``slot`` (``[B, L]`` or ``[B, H, L]``)."""
-        B, H, L, _ = k.shape
-        if slot.dim() == 2:
-            slot, pos = slot[:, None, :].expand(B, H, L), pos[:, None, :].expand(B, H, L)
-        rows = torch.arange(B, device=k.device)[:, None, None]
-        heads = torch.arange(H, device=k.device)[None, :, None]
-        index = (rows, heads, slot)
-        self.k.index_put_(index, k.to(self.k.dtype))
-        self.v.index_put_(index, v.to(self.v.dtype))
-        self.pos.index_put_(index, pos)
-        for name, (dtype, _) in self.slot_state.items():
-            if name != "pos":
-                value = state.get(name, torch.zeros((), dtype=dtype, device=k.device))
-                getattr(self, name).index_put_(index, value.to(dtype).expand(B, H, L))
+def _at(x: Tensor, slot: Tensor) -> Tensor:
+    """``x[b, h, slot[b, h, p]]``: ``[B, H, P]``."""
+    return x.gather(2, slot)
+
+
+def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
+    """``x[b, h, slot[b, h, p]] = value[b, h, p]`` where ``where``, in place."""
+    x.index_put_(_index(slot), torch.where(where, value.to(x.dtype), _at(x, slot)))

@@ -90,6 +90,7 @@ def export(
         "format": FORMAT,
         "method": core.method.name,
         "options": core.method.options(),
+        "storage": core.layers[0].storage.name,
         "batch_size": batch_size,
         "chunk_size": chunk,
         "max_length": max_length or core.max_positions,

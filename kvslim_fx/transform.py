@@ -14,12 +14,13 @@ from .methods.base import positive
 from .model import KVSlimModel, _max_positions
 from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
+from .storage import storage_class
 
 DEFAULT_CHUNK = 512
 PREFILL_MODES = ("bounded", "full")
 # transform()'s own keyword options (the rest of **options belong to the method); a benchmark's
 # method spec (kvslimmer:prefill=full:recent=64) may carry either.
-TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window")
+TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window", "storage")
 
 
 def transform(
@@ -30,6 +31,7 @@ def transform(
     chunk_size: int = DEFAULT_CHUNK,
     prefill: str = "bounded",
     prefill_window: int = 64,
+    storage: str = "dense",
     **options,
 ) -> KVSlimModel:
     """Return ``model`` with every attention layer replaced by a fixed-capacity cached attention.
@@ -47,6 +49,8 @@ def transform(
             at the end of the prompt decides what is kept (peak memory: the prompt's cache).
         prefill_window: the queries that score the prompt in ``"full"`` mode (SnapKV's
             observation window).
+        storage: a registered storage name (``kvslim_fx.storage.STORAGES``): how the K/V rows
+            are held (``"dense"``: as they are, in the model's dtype).
         **options: the method's own options (e.g. ``sink``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -57,6 +61,7 @@ def transform(
         raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
     positive("prefill_window", prefill_window)
     algo = make_method(method, budget, **options)
+    store = storage_class(storage)
     config = model.config
     arch = getattr(config, "model_type", type(model).__name__)
     max_pos = _max_positions(config)
@@ -89,7 +94,7 @@ def transform(
     num_layers = getattr(config, "num_hidden_layers", 0)
     try:
         ropes = rope_facts(model, num_layers) if algo.needs_rope else [None] * num_layers
-        replace_sdpa(gm, config, lambda site: LayerCache(site, algo, ropes[site.layer]))
+        replace_sdpa(gm, config, lambda site: LayerCache(algo, store(site, ropes[site.layer])))
     except (GraphRewriteError, UnsupportedRope) as err:
         raise KVSlimError(str(err)) from None
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import user_policy  # noqa: F401  (registers a user's own policy, "decayed")
 from helpers import kv_model, prompts
 
 import kvslim_fx
@@ -17,7 +18,9 @@ CASES = [
     ("streaming", 40),
     ("kvslimmer", 48),
     ("weightedkv", 40),
-    ("h2o", 40),
+    # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
+    # machinery too (test_registration.py shows it equals H2O without the decay).
+    ("decayed", 40),
     ("tova", 40),
     ("snapkv", 40),
 ]

@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 import torch
+import user_policy  # noqa: F401  (registers a user's own policy, "decayed")
 from helpers import kv_model, prompts
 
 import kvslim_fx
@@ -16,7 +17,8 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    params=[("full", None, 1), ("streaming", 40, 2), ("kvslimmer", 48, 2), ("weightedkv", 40, 1)],
+    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py).
+    params=[("full", None, 1), ("kvslimmer", 48, 2), ("weightedkv", 40, 1), ("decayed", 40, 2)],
     ids=lambda p: p[0],
 )
 def package(request, tmp_path_factory):

@@ -1,7 +1,8 @@
-"""``kvslim::select_pair`` / ``kvslim::merge_pairs``: Triton (interpreter on CPU) = reference.
+"""``kvslim::select_pair`` / ``kvslim::merge_rows``: Triton (interpreter on CPU) = reference.
 
-The merge reference is ``run_merge.merge_runs`` on runs of two: the one definition of the merge
-arithmetic, whose properties ``test_run_merge.py`` checks.
+A KVSlimmer merge is ``run_merge.merge_runs``' weights on runs of two applied by ``merge_rows``:
+together they must give ``merge_runs``' own merge, the one definition of the arithmetic, whose
+properties ``test_run_merge.py`` checks.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvslim_fx.kernels import pair_merge_triton
 from kvslim_fx.kernels.pair_merge import (
-    merge_pairs_reference,
+    merge_rows_reference,
     pair_costs,
     select_pair_reference,
 )
-from kvslim_fx.kernels.pair_merge_triton import merge_pairs_triton, select_pair_triton
+from kvslim_fx.kernels.pair_merge_triton import merge_rows_triton, select_pair_triton
+from kvslim_fx.kernels.run_merge import merge_runs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and type(pair_merge_triton._merge_pair).__name__ != "InterpretedFunction",
+    DEVICE == "cpu" and type(pair_merge_triton._merge_rows).__name__ != "InterpretedFunction",
     reason="no CUDA and kvslim_fx.kernels was imported before TRITON_INTERPRET=1 was set",
 )
-STATE = ("k", "v", "logc", "pos", "hess", "score", "steps")
 
 
 def _cache(B: int, H: int, C: int, D: int, seed: int, shared: bool) -> dict[str, torch.Tensor]:
@@ -76,7 +77,22 @@ def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, g
         assert edge[b, h, i] == edge[b, h].min()
 
 
-@needs_triton
+def _pairs(B: int, H: int, C: int, P: int, seed: int) -> tuple:
+    """``P`` disjoint pairs per row and head (consecutive slots of a random permutation) and a
+    random ``do``."""
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.stack([torch.randperm(C, generator=g)[: 2 * P] for _ in range(B * H)])
+    slots = slots.view(B, H, P, 2).to(DEVICE)
+    do = torch.rand(B, H, P, generator=g).to(DEVICE) < 0.7
+    return slots[..., 0], slots[..., 1], do
+
+
+def _rope(D: int, kind: str) -> tuple:
+    rotary = {"none": 0, "full": D, "partial": D // 2 if D // 2 % 2 == 0 else D}[kind]
+    inv_freq = None if rotary == 0 else 10000 ** -(torch.arange(rotary // 2) * 2 / rotary)
+    return (None if inv_freq is None else inv_freq.float().to(DEVICE)), rotary
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(1, 2),
@@ -88,42 +104,70 @@ def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, g
     convex=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_merge_pairs_triton_matches_reference(B, H, C, P, D, rope, convex, seed):
+def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, seed):
+    """The plan's split (weights from ``merge_runs`` on runs of two, rows combined by
+    ``merge_rows``) gives ``merge_runs``' own merged keys and values."""
     P = min(P, C // 2)
     cache = _cache(B, H, C, D, seed, shared=False)
-    g = torch.Generator().manual_seed(seed + 1)
-    alpha = torch.rand(B, H, C, generator=g).to(DEVICE) / C
-    out = torch.randn(B, H, D, generator=g).to(DEVICE)
-    # P disjoint pairs per row and head: consecutive slots of a random permutation.
-    slots = torch.stack([torch.randperm(C, generator=g)[: 2 * P] for _ in range(B * H)])
-    slots = slots.view(B, H, P, 2).to(DEVICE)
-    first, second = slots[..., 0], slots[..., 1]
-    do = torch.rand(B, H, P, generator=g).to(DEVICE) < 0.7
-    rotary = {"none": 0, "full": D, "partial": D // 2 if D // 2 % 2 == 0 else D}[rope]
-    inv_freq = None if rotary == 0 else 10000 ** -(torch.arange(rotary // 2) * 2 / rotary)
-    inv_freq = None if inv_freq is None else inv_freq.float().to(DEVICE)
+    first, second, do = _pairs(B, H, C, P, seed + 1)
+    inv_freq, rotary = _rope(D, rope)
+    members = torch.stack([first, second], dim=-1).flatten(-2)
 
-    want, got = ({n: t.clone() for n, t in cache.items()} for _ in range(2))
-    args = (alpha, out, first, second, do, inv_freq, rotary, convex, 1e-6)
-    fb_want = merge_pairs_reference(*(want[n] for n in STATE), *args)
-    fb_got = merge_pairs_triton(*(got[n] for n in STATE), *args)
-    assert torch.equal(fb_got, fb_want)
-    # Unclipped weights may extrapolate (A + B small beside A, B), which amplifies float32
-    # rounding: keys of magnitude ~10 then differ in the 5th digit.
-    for name in STATE:
-        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
-    # Slots of no merged pair are bit-identical; each merged pair conserves cardinality, keeps
-    # the later slot's position and empties `first`.
-    touched = torch.zeros_like(cache["pos"], dtype=torch.bool)
-    for b, h, p in do.nonzero().tolist():
-        i, j = int(first[b, h, p]), int(second[b, h, p])
-        touched[b, h, [i, j]] = True
-        card = cache["logc"][b, h, [i, j]].exp().sum()
-        torch.testing.assert_close(want["logc"][b, h, j].exp(), card)
-        assert want["pos"][b, h, i] == -1 and want["pos"][b, h, j] == cache["pos"][b, h, j]
-    for name in STATE:
-        assert torch.equal(want[name][~touched], cache[name][~touched])
-    assert fb_want.shape == (B, H, P)
+    def at(x: torch.Tensor) -> torch.Tensor:  # the pairs' members: f0 s0 f1 s1 ...
+        return x.gather(2, members if x.dim() == 3 else members[..., None].expand(-1, -1, -1, D))
+
+    pos = at(cache["pos"]).clamp_min(0)
+    earlier, later = pos[..., 0::2], pos[..., 1::2]
+    pos = torch.stack([earlier.minimum(later), earlier.maximum(later)], -1).flatten(-2)
+    coupling = torch.rand(B, H, 2 * P - 1, device=DEVICE)
+    within = (torch.arange(2 * P - 1, device=DEVICE) % 2 == 0).expand(B, H, -1)
+    merged = merge_runs(
+        at(cache["k"]), at(cache["v"]), at(cache["logc"]), at(cache["hess"]), at(cache["score"]),
+        pos, coupling, within, inv_freq, rotary, convex, 1e-6,
+    )  # fmt: skip
+    k, v = cache["k"].clone(), cache["v"].clone()
+    merge_rows_reference(
+        k, v, first, second, do, merged.weight[..., 0::2], merged.weight[..., 1::2],
+        merged.share[..., 0::2], merged.share[..., 1::2], pos[..., 1::2] - pos[..., 0::2],
+        inv_freq, rotary,
+    )  # fmt: skip
+    for got, want, full in ((k, merged.k, cache["k"]), (v, merged.v, cache["v"])):
+        rows = at(got)[..., 1::2, :]
+        expect = torch.where(do[..., None], want[..., 1::2, :], at(full)[..., 1::2, :])
+        torch.testing.assert_close(rows, expect, atol=1e-4, rtol=1e-4)
+        untouched = torch.ones_like(full[..., 0], dtype=torch.bool)
+        untouched.scatter_(2, second, ~do)
+        assert torch.equal(got[untouched], full[untouched])
+
+
+@needs_triton
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    C=st.integers(2, 24),
+    P=st.integers(1, 4),
+    D=st.sampled_from([4, 8, 12]),
+    rope=st.sampled_from(["none", "full", "partial"]),
+    keys=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merge_rows_triton_matches_reference(B, H, C, P, D, rope, keys, seed):
+    P = min(P, C // 2)
+    cache = _cache(B, H, C, D, seed, shared=False)
+    first, second, do = _pairs(B, H, C, P, seed + 1)
+    inv_freq, rotary = _rope(D, rope)
+    g = torch.Generator().manual_seed(seed + 2)
+    weights = [torch.randn(B, H, P, generator=g).to(DEVICE) for _ in range(4)]
+    key = weights[:2] if keys else [None, None]
+    gap = torch.randint(0, 50, (B, H, P), generator=g).to(DEVICE)
+    want = [cache["k"].clone(), cache["v"].clone()]
+    got = [cache["k"].clone(), cache["v"].clone()]
+    args = (first, second, do, *key, *weights[2:], gap, inv_freq, rotary)
+    merge_rows_reference(*want, *args)
+    merge_rows_triton(*got, *args)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -133,8 +177,8 @@ def test_opcheck(per_head):
     sel = (cache["pos"][..., :C], cache["score"][..., :C], 1, 2, per_head, 5.0)
     torch.library.opcheck(torch.ops.kvslim.select_pair.default, sel)
     first, second, ok = (x[..., None] for x in torch.ops.kvslim.select_pair(*sel))
-    alpha = torch.full((2, 2, C), 0.05, device=DEVICE)
-    out = torch.zeros(2, 2, 8, device=DEVICE)
+    w = torch.full((2, 2, 1), 0.5, device=DEVICE)
+    gap = (second - first).abs()
     inv_freq = 10000 ** -(torch.arange(4, device=DEVICE) / 4)
-    merge = (*(cache[n] for n in STATE), alpha, out, first, second, ok, inv_freq, 8, True, 1e-6)
-    torch.library.opcheck(torch.ops.kvslim.merge_pairs.default, merge)
+    merge = (cache["k"], cache["v"], first, second, ok, w, w, w, w, gap, inv_freq, 8)
+    torch.library.opcheck(torch.ops.kvslim.merge_rows.default, merge)

@@ -54,7 +54,7 @@ def test_decode_pair_merge_equals_the_general_merge(config, length, seed):
 
     fast_logits, fast = run()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KVSlimmer, "_merge_pair", KVSlimmer._merge)
+        patch.setattr(KVSlimmer, "_pair", KVSlimmer._pairs)
         general_logits, general = run()
     assert torch.equal(fast_logits, general_logits)
     assert fast.keys() == general.keys()

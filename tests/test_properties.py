@@ -256,7 +256,7 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
         # 2. Occupancy: capacity within the budget, buffers never grow, every slot used once
         # there are more tokens than slots, no position twice, the trash slot stays empty.
         assert case["budget"] >= C, where
-        assert layer.k.shape[2] == layer.pos.shape[2] == C + 1, where
+        assert layer.storage.k.shape[2] == layer.pos.shape[2] == C + 1, where
         assert (layer.pos[:, :, C] == -1).all(), where
         cards = layer.logc[:, :, :C].exp()
         for b, n in enumerate(consumed):
@@ -290,11 +290,19 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
                 assert slots[:, 0].tolist() == list(range(heads)), (where, what, b, p)
                 for h, s in slots.tolist():
                     assert layer.logc[b, h, s] == 0, (where, what, b, p, h)
-                    assert torch.equal(layer.k[b, h, s], own.k[i][b, h, p]), (where, what, b, p)
+                    assert torch.equal(layer.storage.k[b, h, s], own.k[i][b, h, p]), (
+                        where,
+                        what,
+                        b,
+                        p,
+                    )
                     # WeightedKV folds an evicted value into its right neighbour, which may be
                     # the window's oldest token (the paper's v_{j+1} rule); its key stays.
                     if not (case["name"] == "weightedkv" and what == "recent" and p == n - recent):
-                        assert torch.equal(layer.v[b, h, s], own.v[i][b, h, p]), (where, what)
+                        assert torch.equal(layer.storage.v[b, h, s], own.v[i][b, h, p]), (
+                            where,
+                            what,
+                        )
             # What full computes for the sinks: the same tokens over the same visible keys, but
             # over a cache of another size (its kernels reduce over more, empty, slots), so equal
             # to float32 rounding; bit for bit in the first layer (keys from the tokens alone).

@@ -10,11 +10,13 @@ import torch
 from helpers import kv_model, prefill_and_decode, prompts
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kvslim_fx.passes.sdpa import AttentionSite
 
 from kvslim_fx import KVSlimError
-from kvslim_fx.cache import AttentionSite, LayerCache
+from kvslim_fx.cache import LayerCache
 from kvslim_fx.methods import make_method
 from kvslim_fx.methods.scoring import fold_right
+from kvslim_fx.storage import Dense
 
 METHODS = ("weightedkv", "h2o", "tova", "snapkv")
 
@@ -24,7 +26,7 @@ def layer_cache(
 ) -> LayerCache:
     site = AttentionSite(layer=0, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d**-0.5,
                          window=window)  # fmt: skip
-    cache = LayerCache(site, method)
+    cache = LayerCache(method, Dense(site))
     cache.allocate(batch, budget, torch.float32, torch.device("cpu"))
     return cache
 
@@ -79,25 +81,25 @@ def test_weightedkv_reproduces_the_paper_toy_example():
             mass[0, 0, s] = alpha[p + 1]
         mass[0, 0, -1] = alpha[t]
         kv = (keys[t].view(1, 1, 1, 8), values[t].view(1, 1, 1, 8))
-        method.update(cache, *kv, torch.tensor([[t - 1]]), mass)
+        cache.store(*kv, torch.tensor([[t - 1]]), mass)
         slots = slot_of(cache, 0, 0)
         assert len(slots) == min(t, 4)
         for p, s in slots.items():
-            assert torch.equal(cache.k[0, 0, s], keys[p + 1])  # keys are never modified
+            assert torch.equal(cache.storage.k[0, 0, s], keys[p + 1])  # keys are never modified
             assert cache.steps[0, 0, s] == t - p  # steps attended since insertion
         if t == 5:
             assert sorted(slots) == [0, 2, 3, 4]  # v2 merged into v3 ...
             expected = values[2] / 6 + 5 * values[3] / 6  # ... as v2/6 + 5 v3/6
-            assert torch.allclose(cache.v[0, 0, slots[2]], expected, atol=1e-6)
+            assert torch.allclose(cache.storage.v[0, 0, slots[2]], expected, atol=1e-6)
     slots = slot_of(cache, 0, 0)
     assert sorted(p + 1 for p in slots) == [3, 6, 7, 8]
-    support = {p + 1: set((cache.v[0, 0, s].nonzero().flatten() + 1).tolist()) for p, s in
+    support = {p + 1: set((cache.storage.v[0, 0, s].nonzero().flatten() + 1).tolist()) for p, s in
                slots.items()}  # fmt: skip
     assert support == {3: {1, 2, 3}, 6: {4, 5, 6}, 7: {7}, 8: {8}}
     toks, vals = paper_algorithm_1(TOY, values, m=4)
     assert toks == [3, 6, 7, 8]
     for tok, val in zip(toks, vals, strict=True):
-        assert torch.allclose(cache.v[0, 0, slots[tok - 1]].double(), val, atol=1e-6)
+        assert torch.allclose(cache.storage.v[0, 0, slots[tok - 1]].double(), val, atol=1e-6)
     # 4 folds, no fallback, at most one per step, no merged run (WeightedKV keeps no cardinality).
     assert cache.merge_stats.tolist() == [4.0, 0.0, 1.0, 0.0]
 
@@ -307,9 +309,9 @@ def test_kept_slots_match_a_direct_reference(
                 ref.drop(h, gone)
                 for p, s in slots.items():
                     t = p + (pads if b else 0)
-                    assert torch.equal(cache.k[b, h, s], k[b, h, t])  # keys never modified
+                    assert torch.equal(cache.storage.k[b, h, s], k[b, h, t])  # keys never modified
                     entry = ref.kept[h][p]
-                    assert torch.allclose(cache.v[b, h, s].double(), entry["v"], atol=1e-5)
+                    assert torch.allclose(cache.storage.v[b, h, s].double(), entry["v"], atol=1e-5)
                     if "acc" in method.slot_state():
                         acc = float(cache.acc[b, h, s])
                         assert math.isclose(acc, entry["acc"], rel_tol=1e-4, abs_tol=1e-6)
@@ -338,8 +340,8 @@ def random_cache(method, budget, window, per_head, seed, B=2, HKV=2, D=8) -> tup
             n = budget if full else int(torch.randint(0, budget, (1,), generator=g))
             slots = torch.randperm(budget, generator=g)[:n]
             cache.pos[b, h, slots] = torch.randperm(nxt, generator=g)[:n]
-    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    cache.storage.k.copy_(torch.randn(cache.storage.k.shape, generator=g))
+    cache.storage.v.copy_(torch.randn(cache.storage.v.shape, generator=g))
     real = cache.pos >= 0
     for name in method.slot_state():
         values = torch.tensor([0.0, 0.5, 1.0, 3.0])[torch.randint(0, 4, real.shape, generator=g)]
@@ -349,7 +351,8 @@ def random_cache(method, budget, window, per_head, seed, B=2, HKV=2, D=8) -> tup
 
 def by_position(cache: LayerCache, b: int, h: int) -> dict[int, list]:
     """Position → the slot's key, value and accumulators."""
-    state = [cache.k, cache.v, *(getattr(cache, n) for n in cache.method.slot_state())]
+    state = [cache.storage.k, cache.storage.v,
+             *(getattr(cache, n) for n in cache.method.slot_state())]  # fmt: skip
     return {p: [x[b, h, s].tolist() for x in state] for p, s in slot_of(cache, b, h).items()}
 
 
@@ -372,7 +375,7 @@ def test_decode_fast_path_equals_the_general_path(
     options = {"window": recent, "kernel": kernel} if name == "snapkv" else {"recent": recent}
     method = make_method(name, budget, sink=sink, per_head=per_head, **options)
     forced = make_method(name, budget, sink=sink, per_head=per_head, **options)
-    forced._evict_one = forced._evict  # the general path, even for one token
+    forced.plan_one = forced.plan  # the general path, even for one token
     window = budget + 2 if sliding else 0
     fast, nxt = random_cache(method, budget, window, per_head, seed)
     general, _ = random_cache(forced, budget, window, per_head, seed)
@@ -388,7 +391,7 @@ def test_decode_fast_path_equals_the_general_path(
         mass[..., C] = 0
         mass[..., C + 1] *= kv_pos >= 0
         for cache in (fast, general):
-            cache.method.update(cache, k, v, kv_pos, mass)
+            cache.store(k, v, kv_pos, mass)
         assert torch.equal(fast.pos[..., :C], general.pos[..., :C])  # even the same slots
         for b in range(B):
             for h in range(HKV):

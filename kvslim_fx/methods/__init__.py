@@ -19,7 +19,21 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Full, Streaming, KVSlimmer, WeightedKV, H2O, TOVA, SnapKV)
 }
 
-__all__ = ["METHODS", "Method", "SlotLayout", "make_method", "parse_option", "parse_spec"]
+__all__ = ["METHODS", "Method", "SlotLayout", "make_method", "parse_option", "parse_spec",
+           "register_method"]  # fmt: skip
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``method="<cls.name>"`` available to ``transform``, the command
+    line and the benchmarks (a later registration of the same name replaces the earlier)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(
+            f"register_method takes a subclass of kvslim_fx.methods.Method, got {cls!r}"
+        )
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{cls.__name__} must set a class attribute `name` (a non-empty string)")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:

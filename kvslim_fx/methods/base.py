@@ -8,6 +8,7 @@ compress, the state and kernels its cache update needs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..budget import check_budget
 from ..errors import KVSlimError
+from ..plan import Plan
 
 # Full caches round their capacity up so that repeated generate() calls of similar lengths
 # reuse one compiled graph instead of recompiling for every new length.
@@ -30,8 +32,8 @@ class SlotLayout:
     Token number ``r`` of a row (its position) lives in slot ``r`` while ``r < sink``, else in
     ``sink + (r - sink) % ring``. ``recent > 0`` limits what a query sees to the sinks plus the
     last ``recent`` positions (StreamingLLM); ``wraps`` says that overwriting the ring is the
-    intended eviction, not an overflow. ``merges``: the method's own ``update`` stores tokens
-    instead (compressing to make room), and the attention op reports per-slot mass for it.
+    intended eviction, not an overflow. ``merges``: the method's plans store tokens instead
+    (compressing to make room), and the attention op reports per-slot mass for them.
     """
 
     sink: int
@@ -48,8 +50,8 @@ class SlotLayout:
 class Method:
     """Base of every method. Subclasses set ``name``, ``default_sink`` and ``layout``.
 
-    A method whose layouts merge (``SlotLayout.merges``) also declares its per-slot state
-    (``slot_state``) and stores each step's tokens itself (``update``).
+    A method whose layouts merge (``SlotLayout.merges``) also declares its per-slot statistics
+    (``slot_state``) and returns a plan for each step (``plan``), which the cache applies.
     """
 
     name: ClassVar[str]
@@ -83,7 +85,9 @@ class Method:
             return max((self.sink or 0) + 1, math.ceil(self.budget * prompt_len))
         return self.budget
 
-    def layout(self, slots: int, window: int) -> SlotLayout:  # pragma: no cover - abstract
+    def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:  # pragma: no cover
+        """Layer ``layer``'s slots for a budget of ``slots`` and the layer's sliding ``window``
+        (0: global attention)."""
         raise NotImplementedError
 
     def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
@@ -98,14 +102,21 @@ class Method:
         """The log-cardinality bias attention sees (``[B, H_kv, C + 1]``); exact by default."""
         return logc
 
-    def compress_prompt(self, cache, slots: int) -> None:
-        """Free a cache that holds a whole prompt down to ``slots`` occupied slots, once, scored
-        by the prompt's last queries (``cache.window_mass()``). Nothing by default: a ring layout
-        keeps its sinks and newest tokens when the cache is compacted."""
-
-    def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
-        """Store a step's tokens in ``cache`` (merging layouts only); ``mass`` as ``attend``'s."""
+    def plan(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        """What a step of new tokens ``k, v [B, H_kv, L, D]`` at ``kv_pos [B, L]`` does to a
+        merging layout's cache (read, never written here); ``mass`` as ``attend``'s."""
         raise NotImplementedError(f"{self.name} does not merge")
+
+    def plan_one(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        """:meth:`plan` for a one-token step (decode), where a policy may have a faster rule."""
+        return self.plan(cache, k, v, kv_pos, mass)
+
+    def prompt_plans(self, cache, slots: int) -> Iterator[Plan]:
+        """Plans that free a cache holding a whole prompt down to ``slots`` occupied slots, scored
+        by the prompt's last queries (``cache.window_mass()``); the cache applies each before the
+        next is asked for. None by default: a ring layout keeps its sinks and newest tokens when
+        the cache is compacted."""
+        return iter(())
 
     def options(self) -> dict:
         """The options that rebuild this method (recorded in exported packages)."""

@@ -10,7 +10,7 @@ class Full(Method):
 
     name = "full"
 
-    def layout(self, slots: int, window: int) -> SlotLayout:
+    def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:
         if 0 < window < slots:
             # A sliding-window layer never looks further back than its window: a ring of that size.
             return SlotLayout(sink=0, ring=window, recent=0, wraps=True)

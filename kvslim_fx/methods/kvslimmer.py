@@ -17,13 +17,16 @@ Each step, after attention, the method
    ln ρ``. The model's chunk limit (:meth:`KVSlimmer.max_chunk`) keeps every step within
    ``merge_fraction`` of the mergeable pairs, so disjoint pairs always suffice and no slot more
    than doubles in one step;
-3. merges each pair with ``kvslim::merge_pairs``: ``k* = (A k_m + B k_n) / (A + B)``,
+3. merges each pair: ``k* = (A k_m + B k_n) / (A + B)``,
    ``A = h11 − h12``, ``B = h22 − h12``, ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key
    rotated forward by the position gap (RoPE-correct, post-RoPE storage); value sums and
    cardinalities add (no cap); the merged slot takes the later position. Where the quadratic is
    not convex it falls back to the score-weighted mean, and counts it
-   (``LayerCache.merge_stats``). The arithmetic is ``kernels/run_merge.py``'s ``merge_runs``;
-4. writes the new tokens into the freed slots.
+   (``LayerCache.merge_stats``). The weights are ``kernels/run_merge.py``'s ``merge_runs``
+   on runs of two; the storage combines the rows (``kvslim::merge_rows`` for ``dense``);
+4. puts the new tokens into the freed slots.
+
+All of it is a plan (``kvslim_fx.plan``) that the cache applies; the policy writes nothing.
 
 Attention counts a merged slot ``min(c, bias_cap)`` times (its ``log c`` bias capped). The paper's
 exact bias (``bias_cap=inf``) measured worse than no bias (``bias_cap=1``, the default) on
@@ -33,13 +36,15 @@ SmolLM2-135M; the figures are in docs/design.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from ..errors import KVSlimError
 from ..kernels.pair_merge import pair_costs
-from ..kernels.run_merge import hessian_proxy
+from ..kernels.run_merge import adjacent_coupling, hessian_proxy, merge_runs
+from ..plan import Merge, Plan
 from .base import (
     Method,
     SlotLayout,
@@ -192,7 +197,7 @@ class KVSlimmer(Method):
             return logc
         return logc.clamp_max(math.log(self.bias_cap))
 
-    def layout(self, slots: int, window: int) -> SlotLayout:
+    def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:
         if 0 < window <= slots:
             # A sliding layer whose window fits the budget never needs to compress.
             return SlotLayout(sink=0, ring=window, recent=0, wraps=True)
@@ -207,9 +212,16 @@ class KVSlimmer(Method):
         edges = slots - self.sink_for(slots) - self.recent_for(slots) - 1
         return math.floor(self.merge_fraction * edges)
 
-    def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
+    def plan(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        return self._plan(cache, kv_pos, mass, one=False)
+
+    def plan_one(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        # Decode frees at most one slot: merging one pair touches two slots, not the cache.
+        return self._plan(cache, kv_pos, mass, one=True)
+
+    def _plan(self, cache, kv_pos: Tensor, mass: Tensor, one: bool) -> Plan:
         C = cache.capacity
-        H = k.shape[1]
+        H = cache.site.num_kv_heads
         count = (kv_pos >= 0).sum(1)[:, None, None]  # [B, 1, 1] real queries of the step
         # Mean attention probability per query of each cached slot (all of the step's queries
         # see it). A new token gets its first statistics at its first step in the cache, as in
@@ -220,39 +232,35 @@ class KVSlimmer(Method):
         # attention uses, so that a slot of many tokens is as costly to merge as they are.
         score_now = prob * (logc - self.attention_logc(logc)).exp()
 
-        means = cache.v[:, :, :C].float()
+        means = cache.storage.values()[:, :, :C].float()
         alpha, out, h_now = middle_hessian(prob, pos >= self.sink_for(C), means)
 
         lived = (pos >= 0) & (count > 0)
         steps = cache.steps[:, :, :C] + lived
         n = steps.clamp_min(1)
-        cache.hess[:, :, :C] += torch.where(lived, (h_now - cache.hess[:, :, :C]) / n, 0)
+        hess, score = cache.hess[:, :, :C], cache.score[:, :, :C]
+        hess = hess + torch.where(lived, (h_now - hess) / n, 0)
         if self.score == "last":
-            cache.score[:, :, :C] = torch.where(lived, score_now, cache.score[:, :, :C])
+            score = torch.where(lived, score_now, score)
         else:
-            cache.score[:, :, :C] += torch.where(lived, (score_now - cache.score[:, :, :C]) / n, 0)
-        cache.steps[:, :, :C] = steps
-
-        need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
-        # Decode frees at most one slot: merging one pair touches two slots, not the cache.
-        # (A package's general step has a symbolic length: it keeps the general path.)
-        L = k.shape[2]
-        merge = self._merge_pair if isinstance(L, int) and L == 1 else self._merge
+            score = score + torch.where(lived, (score_now - score) / n, 0)
+        plan = Plan(state={"hess": hess, "score": score, "steps": steps})
         if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)
-            merge(cache, need, alpha, out)
-        cache.write_free(k, v, kv_pos, {})
+            need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
+            select = self._pair if one else self._pairs
+            first, second, do = select(pos, score, need, C)
+            self._merge_plan(plan, cache, first, second, do, hess, score, alpha, out)
+        return plan
 
-    def _selection(self, cache, slots: int | None = None) -> tuple:
-        """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for ``cache``'s slots, with
-        the sinks, recent window and recency of a ``slots`` budget (default: the capacity)."""
-        C = cache.capacity
-        slots = slots or C
+    def _selection(self, pos: Tensor, score: Tensor, slots: int) -> tuple:
+        """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for slots at ``pos`` with
+        the statistic ``score`` (``[B, H, C]``), and the sinks, recent window and recency of a
+        ``slots`` budget."""
         # The reference's recency factor exp(j/γ) reaches `recency` at the budget's last pair.
         gamma = slots / math.log(self.recency) if self.recency > 1 else 0.0
-        return (cache.pos[:, :, :C], cache.score[:, :, :C], self.sink_for(slots),
-                self.recent_for(slots), self.per_head, gamma)  # fmt: skip
+        return pos, score, self.sink_for(slots), self.recent_for(slots), self.per_head, gamma
 
-    def compress_prompt(self, cache, slots: int) -> None:
+    def prompt_plans(self, cache, slots: int) -> Iterator[Plan]:
         """Merge a cache holding the whole prompt down to ``slots``, in rounds: each round scores
         the slots by the prompt's last ``observe`` queries' attention over the merged cache
         (:meth:`prompt_score`) and merges at most ``merge_fraction`` of the mergeable pairs
@@ -265,17 +273,19 @@ class KVSlimmer(Method):
                 return
             mass, seen = cache.window_mass()
             prob = mass / seen.clamp_min(1)
-            cache.score[:, :, :C] = self.prompt_score(prob, pos, slots)
-            means = cache.v[:, :, :C].float()
-            alpha, out, h = middle_hessian(prob, pos >= self.sink_for(slots), means)
-            cache.hess[:, :, :C] = h
-            edges = torch.isfinite(pair_costs(*self._selection(cache, slots))[3]).sum(-1)
+            score = self.prompt_score(prob, pos, slots)
+            means = cache.storage.values()[:, :, :C].float()
+            alpha, out, hess = middle_hessian(prob, pos >= self.sink_for(slots), means)
+            edges = torch.isfinite(pair_costs(*self._selection(pos, score, slots))[3]).sum(-1)
             if not bool((edges > 0).all()):
                 raise KVSlimError(
                     f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
-            self._merge(cache, torch.minimum(excess, rule), alpha, out, slots)
+            plan = Plan(state={"hess": hess, "score": score})
+            first, second, do = self._pairs(pos, score, torch.minimum(excess, rule), slots)
+            self._merge_plan(plan, cache, first, second, do, hess, score, alpha, out)
+            yield plan
 
     def prompt_score(self, prob: Tensor, pos: Tensor, slots: int) -> Tensor:
         """The selection statistic of a ``prefill="full"`` round, ``[B, H, C]``: each slot's
@@ -295,26 +305,18 @@ class KVSlimmer(Method):
         pooled = neighbour_max(torch.where(lend, prob.gather(2, order), -torch.inf), self.kernel)
         return torch.empty_like(prob).scatter_(2, order, torch.where(lend, pooled, 0.0))
 
-    def _merge_pair(self, cache, need: Tensor, alpha: Tensor, out: Tensor) -> None:
-        """:meth:`_merge` for ``need <= 1`` (decode): ``kvslim::select_pair`` picks the pair
-        without the threshold search (``O(C log C)`` scalars), the same op merges it; the freed
-        (earlier) slot is emptied for the new token that :meth:`update` writes next."""
-        first, second, ok = torch.ops.kvslim.select_pair(*self._selection(cache))
-        self._apply(cache, first[..., None], second[..., None], (ok & (need > 0))[..., None],
-                    alpha, out)  # fmt: skip
+    def _pair(self, pos: Tensor, score: Tensor, need: Tensor, slots: int) -> tuple:
+        """:meth:`_pairs` for ``need <= 1`` (decode): ``kvslim::select_pair`` picks the pair
+        without the threshold search (``O(C log C)`` scalars)."""
+        first, second, ok = torch.ops.kvslim.select_pair(*self._selection(pos, score, slots))
+        return first[..., None], second[..., None], (ok & (need > 0))[..., None]
 
-    def _merge(
-        self,
-        cache,
-        need: Tensor,
-        alpha: Tensor,
-        out: Tensor,
-        slots: int | None = None,
-    ) -> None:
-        """Free ``need [B, H]`` slots by merging the cheapest disjoint adjacent pairs (position
-        order); ``slots``: the budget whose sinks and recent window are protected (capacity)."""
-        C = cache.capacity
-        order, _, _, edge = pair_costs(*self._selection(cache, slots))
+    def _pairs(self, pos: Tensor, score: Tensor, need: Tensor, slots: int) -> tuple:
+        """The cheapest disjoint adjacent pairs (position order) that free ``need [B, H]`` slots:
+        ``first, second, do`` ``[B, H, P]``, ``P = C // 2``; ``slots``: the budget whose sinks and
+        recent window are protected."""
+        C = pos.shape[-1]
+        order, _, _, edge = pair_costs(*self._selection(pos, score, slots))
         joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
         if not torch.compiler.is_compiling() and bool((joined.sum(-1) < need).any()):
             # The chunk limit (max_chunk) makes this impossible; a token must never be lost.
@@ -323,25 +325,43 @@ class KVSlimmer(Method):
                 "this is a bug, please report it with the budget and chunk size"
             )
         # The selected edges first (disjoint: at most C // 2 of them), in position order.
-        P = C // 2
-        edges = (~joined).long().argsort(dim=-1, stable=True)[..., :P]
-        do = joined.gather(2, edges)
-        first, second = order.gather(2, edges), order.gather(2, edges + 1)
-        self._apply(cache, first, second, do, alpha, out)
+        edges = (~joined).long().argsort(dim=-1, stable=True)[..., : C // 2]
+        return order.gather(2, edges), order.gather(2, edges + 1), joined.gather(2, edges)
 
-    def _apply(
-        self, cache, first: Tensor, second: Tensor, do: Tensor, alpha: Tensor, out: Tensor
+    def _merge_plan(
+        self,
+        plan: Plan,
+        cache,
+        first: Tensor,
+        second: Tensor,
+        do: Tensor,
+        hess: Tensor,
+        score: Tensor,
+        alpha: Tensor,
+        out: Tensor,
     ) -> None:
-        """Merge slot ``first`` into ``second`` where ``do`` (``[B, H, P]``, disjoint pairs) with
-        ``kvslim::merge_pairs``, and count it."""
-        rope = cache.rope
-        fallback = torch.ops.kvslim.merge_pairs(
-            cache.k, cache.v, cache.logc, cache.pos, cache.hess, cache.score, cache.steps,
-            alpha, out[:, :, 0], first, second, do,
-            None if rope is None else rope.inv_freq.to(cache.k.device),
-            0 if rope is None else rope.rotary_dim, self.convex, self.eps,
+        """Add the merge of slot ``first`` into ``second`` where ``do`` (``[B, H, P]``, disjoint
+        pairs) to ``plan``: the closed-form key weights and cardinality shares of
+        :func:`~kvslim_fx.kernels.run_merge.merge_runs` on runs of two, given the slots'
+        statistics ``hess``, ``score`` and ``alpha`` (``[B, H, C]``) and ``out [B, H, 1, D]``."""
+        B, H, P = first.shape
+        members = torch.stack([first, second], dim=-1).flatten(-2)  # [B, H, 2P]: f0 s0 f1 s1 ..
+        at = lambda x: x.gather(2, members)  # noqa: E731
+        idx = members[..., None].expand(*members.shape, out.shape[-1])
+        means = cache.storage.values().gather(2, idx).float()
+        within = torch.arange(2 * P - 1, device=first.device) % 2 == 0  # edge (f_p, s_p)
+        merged = merge_runs(
+            None, means, at(cache.logc), at(hess), at(score), at(cache.pos),
+            adjacent_coupling(at(alpha), means, out), within.expand(B, H, -1), None, None,
+            self.convex, self.eps,
         )  # fmt: skip
-        cache.merge_stats[0] += do.sum().double()
-        cache.merge_stats[1] += fallback.sum().double()
+        plan.merge = Merge(
+            src=first, dst=second, do=do, counts=True,
+            key=(merged.weight[..., 0::2], merged.weight[..., 1::2]),
+            value=(merged.share[..., 0::2], merged.share[..., 1::2]),
+            state={"hess": merged.hess[..., 1::2], "score": merged.score[..., 1::2]},
+        )  # fmt: skip
         count = do.sum(-1)
-        cache.record_event(count, 2 * (count > 0).long())
+        plan.events = count
+        plan.joined = 2 * (count > 0).long()
+        plan.fallbacks = merged.fallback[..., 1::2] & do

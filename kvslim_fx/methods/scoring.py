@@ -2,8 +2,8 @@
 
 These methods differ only in the score that ranks tokens (and, for WeightedKV, in the weights
 that fold a dropped token's value into its right neighbour). Each step, after attention,
-:meth:`ScoreMethod.update` looks at the cache's ``C`` slots and the step's ``L`` new tokens as
-one set of ``N = C + L`` entries:
+:meth:`ScoreMethod.plan` looks at the cache's ``C`` slots and the step's ``L`` new tokens as
+one set of ``N = C + L`` entries and returns a plan (``kvslim_fx.plan``) for the cache:
 
 1. Statistics per entry, from the attention op's ``mass`` (summed over the step's queries and
    the query heads of the KV group): ``mass`` itself, ``seen`` (how many of the step's queries
@@ -28,22 +28,23 @@ one set of ``N = C + L`` entries:
 
 Two paths compute exactly the same result:
 
-* **decode** (one new token, a static ``L == 1``): at most one entry goes, so the step is
-  ``kvslim::evict_one`` (``kernels/eviction.py``): an ``O(C)`` argmin over scalars, an ``O(C)``
-  reduction for the right neighbour, and writes to the two or three slots that change. The
+* **decode** (:meth:`ScoreMethod.plan_one`, one new token): at most one entry goes, chosen by
+  ``kvslim::select_one`` (``kernels/eviction.py``): an ``O(C)`` argmin over scalars, an ``O(C)``
+  reduction for the right neighbour; the plan touches the two or three slots that change. The
   accumulators get ``O(C)`` elementwise updates. Only a score that looks at neighbours in
   position order (``positional``: SnapKV's pooling) sorts the ``C + 1`` positions first.
 * **general** (a chunk, or a symbolic chunk length as in a package's general step):
   the entries are sorted by position (slots are unordered in memory), ranked by a second sort,
-  and the cache's values and slot state are rewritten as a whole: ``O(N log N)`` scalars and
-  ``O(N·D)`` values.
+  and a fold rewrites the cache's values as a whole: ``O(N log N)`` scalars and ``O(N·D)``
+  values.
 
 Shapes: ``[B, H_kv, N]`` per entry, ``[B, H_kv, N, D]`` for values. Everything is static-shape
-tensor code (no host sync), so the update runs inside ``torch.compile(fullgraph=True)``.
+tensor code (no host sync), so planning runs inside ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.eviction import head_total
+from ..plan import Fold, Merge, Plan
 from .base import Method, SlotLayout, non_negative, rank
 
 _ACCUMULATORS = {
@@ -112,7 +114,7 @@ class ScoreMethod(Method):
     def recent_for(self, slots: int) -> int:
         return self.default_recent(slots) if self.recent is None else self.recent
 
-    def layout(self, slots: int, window: int) -> SlotLayout:
+    def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:
         if 0 < window <= slots:
             # A sliding layer whose window fits the budget never needs to evict.
             return SlotLayout(sink=0, ring=window, recent=0, wraps=True)
@@ -134,7 +136,9 @@ class ScoreMethod(Method):
         dropped entries are forgotten (eviction)."""
         return None
 
-    def update(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> None:
+    def _entries(self, cache, k: Tensor, kv_pos: Tensor, mass: Tensor) -> tuple:
+        """The step's entries (slots, then new tokens): positions, mass, seen and the lifetime
+        statistics including this step, ``[B, H, C + L]`` each."""
         C = cache.capacity
         B, H, L, _ = k.shape
         pos = torch.cat([cache.pos[:, :, :C], kv_pos[:, None, :].expand(B, H, L)], dim=2)
@@ -143,13 +147,47 @@ class ScoreMethod(Method):
         lifetime = {"acc": mass, "steps": seen}
         for name in self.accumulators:
             lifetime[name] = lifetime[name] + _pad(getattr(cache, name)[:, :, :C], L)
-        # A symbolic length (a package's general step) is not known to be 1.
-        if isinstance(L, int) and L == 1:
-            self._evict_one(cache, k, v, kv_pos, pos, mass, seen, lifetime)
-        else:
-            self._evict(cache, k, v, kv_pos, pos, mass, seen, lifetime)
+        return pos, mass, seen, lifetime
 
-    def compress_prompt(self, cache, slots: int) -> None:
+    def plan(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        pos, mass, seen, lifetime = self._entries(cache, k, kv_pos, mass)
+        return self._evict(cache, pos, mass, seen, lifetime)
+
+    def plan_one(self, cache, k: Tensor, v: Tensor, kv_pos: Tensor, mass: Tensor) -> Plan:
+        """Decode: drop at most one entry, chosen by ``kvslim::select_one``; see the module
+        docstring."""
+        C = cache.capacity
+        pos, mass, seen, lifetime = self._entries(cache, k, kv_pos, mass)
+        if self.positional:  # scored in position order, handed to the op in slot order
+            order = pos.argsort(dim=-1, stable=True)
+            step = self._step(C, pos, mass, seen, lifetime, order)
+            score, weight = self.score(step), self.fold_weight(step)
+            score = torch.empty_like(score).scatter_(2, order, score)
+            if weight is not None:
+                weight = torch.empty_like(weight).scatter_(2, order, weight)
+        else:
+            step = self._step(C, pos, mass, seen, lifetime)
+            score, weight = self.score(step), self.fold_weight(step)
+        slot, drop, right, w_drop, w_right, fallback = torch.ops.kvslim.select_one(
+            cache.pos, kv_pos, score, weight, self.sink, self.recent_for(C), cache.site.window,
+            self.per_head,
+        )  # fmt: skip
+        plan = Plan(
+            state={name: lifetime[name][..., :C] for name in self.accumulators},
+            slot=slot[..., None],
+            new_state={name: lifetime[name][..., C:] for name in self.accumulators},
+            events=(drop >= 0).long(),
+            fallbacks=fallback,
+        )
+        if weight is not None:  # the dropped value folds into its right neighbour
+            plan.stage = True  # (which may be the new token, row C)
+            plan.merge = Merge(
+                src=drop.clamp_min(0)[..., None], dst=right.clamp_min(0)[..., None],
+                do=(right >= 0)[..., None], value=(w_drop[..., None], w_right[..., None]),
+            )  # fmt: skip
+        return plan
+
+    def prompt_plans(self, cache, slots: int) -> Iterator[Plan]:
         """Drop the lowest-scoring eligible slots down to ``slots``, this method's score computed
         from the attention of the prompt's last queries that the layer keeps (the "step"; see
         ``Method.observe``); lifetime statistics (H2O's accumulated attention, WeightedKV's
@@ -158,11 +196,7 @@ class ScoreMethod(Method):
         mass, seen = cache.window_mass()
         lifetime = {"acc": mass, "steps": seen}
         lifetime |= {name: getattr(cache, name)[:, :, :C] for name in self.accumulators}
-        B, H = mass.shape[:2]
-        none = cache.k.new_zeros(B, H, 0, cache.k.shape[-1])
-        no_pos = cache.pos.new_zeros(B, 0)
-        pos = cache.pos[:, :, :C]
-        self._evict(cache, none, none, no_pos, pos, mass, seen, lifetime, slots)
+        yield self._evict(cache, cache.pos[:, :, :C], mass, seen, lifetime, slots)
 
     def _step(
         self,
@@ -181,60 +215,19 @@ class ScoreMethod(Method):
         eligible = (pos >= self.sink) & (pos <= newest - self.recent_for(slots))
         return Step(pos, mass, seen, lifetime["acc"], lifetime["steps"], eligible)
 
-    def _evict_one(
-        self,
-        cache,
-        k: Tensor,
-        v: Tensor,
-        kv_pos: Tensor,
-        pos: Tensor,
-        mass: Tensor,
-        seen: Tensor,
-        lifetime: dict[str, Tensor],
-    ) -> None:
-        """Decode: drop at most one entry with ``kvslim::evict_one``; see the module docstring."""
-        C = cache.capacity
-        if self.positional:  # scored in position order, handed to the op in slot order
-            order = pos.argsort(dim=-1, stable=True)
-            step = self._step(C, pos, mass, seen, lifetime, order)
-            score, weight = self.score(step), self.fold_weight(step)
-            score = torch.empty_like(score).scatter_(2, order, score)
-            if weight is not None:
-                weight = torch.empty_like(weight).scatter_(2, order, weight)
-        else:
-            step = self._step(C, pos, mass, seen, lifetime)
-            score, weight = self.score(step), self.fold_weight(step)
-        slot, drop, fallback = torch.ops.kvslim.evict_one(
-            cache.k, cache.v, cache.pos, k, v, kv_pos, score, weight,
-            self.sink, self.recent_for(C), cache.site.window, self.per_head,
-        )  # fmt: skip
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        heads = torch.arange(k.shape[1], device=k.device)[None, :]
-        for name in self.accumulators:
-            state = getattr(cache, name)
-            state[:, :, :C] = lifetime[name][..., :C]
-            state.index_put_((rows, heads, slot), lifetime[name][..., C])
-        cache.merge_stats[0] += (drop >= 0).sum().double()
-        cache.merge_stats[1] += fallback.sum().double()
-        cache.record_event((drop >= 0).long())
-
     def _evict(
         self,
         cache,
-        k: Tensor,
-        v: Tensor,
-        kv_pos: Tensor,
         pos: Tensor,
         mass: Tensor,
         seen: Tensor,
         lifetime: dict[str, Tensor],
         slots: int | None = None,
-    ) -> None:
+    ) -> Plan:
         """Any chunk: rank every entry in position order; see the module docstring. ``slots``:
-        keep that many instead of the capacity (a prompt's end, :meth:`compress_prompt`)."""
+        keep that many instead of the capacity (a prompt's end, :meth:`prompt_plans`)."""
         C = cache.capacity
         slots = slots or C
-        B, H, L, _ = k.shape
         order = pos.argsort(dim=-1, stable=True)  # empty slots and pads first
         step = self._step(slots, pos, mass, seen, lifetime, order)
         sp = step.pos
@@ -245,34 +238,16 @@ class ScoreMethod(Method):
             score = torch.where(sp[..., -1:] - sp >= cache.site.window, -torch.inf, score)
         need = ((pos >= 0).sum(-1, keepdim=True) - slots).clamp_min(0)  # [B, H, 1]
         drop = step.eligible & (rank(torch.where(step.eligible, score, torch.inf)) < need)
-
         weight = self.fold_weight(step)
-        if weight is not None:
-            v = _fold(cache, v, order, drop, weight)
         dropped = torch.zeros_like(drop).scatter_(2, order, drop)  # back to slot order
-        gone = dropped[..., :C]
-        cache.pos[:, :, :C].masked_fill_(gone, -1)
-        for name in self.accumulators:
-            getattr(cache, name)[:, :, :C] = torch.where(gone, 0.0, lifetime[name][..., :C])
-        cache.merge_stats[0] += drop.sum().double()
-        cache.record_event(drop.sum(-1))
-        kept_pos = torch.where(dropped[..., C:], -1, kv_pos[:, None, :].expand(B, H, L))
-        state = {name: lifetime[name][..., C:] for name in self.accumulators}
-        cache.write_free(k, v, kept_pos, state)
-
-
-def _fold(cache, v: Tensor, order: Tensor, drop: Tensor, weight: Tensor) -> Tensor:
-    """Fold the dropped entries' values rightwards (in the cache, and in the new tokens' values
-    ``v [B, H, L, D]``, which are returned); ``order``, ``drop`` and ``weight`` as in ``_evict``.
-    """
-    C = cache.capacity
-    values = torch.cat([cache.v[:, :, :C], v.to(cache.v.dtype)], dim=2).float()
-    index = order[..., None].expand_as(values)
-    merged, fallback = fold_right(values.gather(2, index), weight, drop)
-    merged = torch.empty_like(merged).scatter_(2, index, merged).to(cache.v.dtype)
-    cache.v[:, :, :C] = merged[:, :, :C]
-    cache.merge_stats[1] += fallback.sum().double()
-    return merged[:, :, C:]
+        return Plan(
+            state={name: lifetime[name][..., :C] for name in self.accumulators},
+            fold=None if weight is None else Fold(order, drop, weight),
+            drop=dropped[..., :C],
+            keep=~dropped[..., C:],
+            new_state={name: lifetime[name][..., C:] for name in self.accumulators},
+            events=drop.sum(-1),
+        )
 
 
 def fold_right(values: Tensor, weight: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ class Streaming(Method):
     name = "streaming"
     default_sink = 4
 
-    def layout(self, slots: int, window: int) -> SlotLayout:
+    def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:
         recent = slots - self.sink
         if 0 < window <= recent:
             # The layer's own window is the tighter bound: sinks outside it are never seen anyway.

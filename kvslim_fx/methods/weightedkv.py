@@ -17,8 +17,9 @@ A chunk's own tokens outside the recent window are candidates too (``scoring``),
 prefill chunk holds the budget by folding within itself as well.
 Weights of a run whose ``ā`` all vanish fall back to uniform (counted in
 ``LayerCache.merge_stats[1]``; ``merge_stats[0]`` counts the merged slots). The folding itself is
-``scoring``'s (``fold_right``; in decode, ``kvslim::evict_one``: an ``O(C)`` argmin and
-neighbour search, then one ``O(D)`` merge, no sort); this file gives the score and the weights.
+``scoring``'s (``fold_right``; in decode, ``kvslim::select_one``: an ``O(C)`` argmin and
+neighbour search, then one ``O(D)`` row merge by the storage, no sort); this file gives the
+score and the weights.
 
 Default ``recent``: half the budget is mergeable, the rest is sinks + recent, as in the paper's
 configurations (budget 1024, 4 sinks → 508 recent; 256 → 124), and at least 1: the newest

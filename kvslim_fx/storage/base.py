@@ -1,0 +1,127 @@
+"""What a storage is: how one layer's K/V rows are allocated, written, merged and read.
+
+A storage never decides which tokens to keep (that is a token policy's plan) and never tracks
+positions (that is the cache's bookkeeping). It holds ``R = capacity + 1`` rows per batch row
+and KV head, the last being the trash row (padding and dropped tokens are written there, which
+keeps every write a static-shape ``index_put_``; a one-token step may stage its token there).
+Its tensors are buffers, so ``state()``, ``torch.compile`` and AOTInductor carry them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels.attention import window_mass  # (importing it registers kvslim::attend)
+from ..passes.rope import RopeFacts
+from ..passes.sdpa import AttentionSite
+
+
+class Storage(nn.Module):
+    """Base of every storage. Subclasses set ``name`` and implement the row methods.
+
+    Shapes: rows ``[B, H_kv, R, D]``, slot indices ``[B, H_kv, M]`` (int64, ``< R``).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, site: AttentionSite, rope: RopeFacts | None = None) -> None:
+        super().__init__()
+        self.site = site
+        self.rope = rope
+
+    def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Make room for ``rows`` rows (zeros), re-allocating only if the shape, dtype or
+        device changes (a compiled model then keeps its graphs)."""
+        raise NotImplementedError
+
+    def keys(self) -> Tensor:
+        """``[B, H_kv, R, D]`` every row's key as attention reads it."""
+        raise NotImplementedError
+
+    def values(self) -> Tensor:
+        """``[B, H_kv, R, D]`` every row's value as attention reads it."""
+        raise NotImplementedError
+
+    def rows(self, slot: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, H_kv, M, D]`` of rows ``slot [B, H_kv, M]``."""
+        idx = slot[..., None].expand(*slot.shape, self.site.head_dim)
+        return self.keys().gather(2, idx), self.values().gather(2, idx)
+
+    def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None) -> None:
+        """Store ``k, v [B, H_kv, M, D]`` in rows ``slot [B, H_kv, M]`` (None: leave as is).
+        Several tokens may target the trash row; no other row twice."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        src: Tensor,
+        dst: Tensor,
+        do: Tensor,
+        key: tuple[Tensor, Tensor] | None,
+        value: tuple[Tensor, Tensor],
+        gap: Tensor,
+    ) -> None:
+        """Where ``do``, row ``dst`` becomes ``w_src · row[src] + w_dst · row[dst]`` (keys by the
+        ``key`` weights, the source key first moved forward by ``gap`` positions; None: ``dst``
+        keeps its key), in float32. ``[B, H_kv, P]`` each, disjoint pairs."""
+        raise NotImplementedError
+
+    def take(self, source: Tensor, keep: Tensor) -> None:
+        """Shrink to ``N + 1`` rows: row ``i < N`` becomes row ``source[..., i]`` where ``keep``
+        (zeros elsewhere), row ``N`` is a fresh trash row. ``source, keep: [B, H_kv, N]``."""
+        raise NotImplementedError
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot costs across the batch and KV heads (everything stored per row)."""
+        raise NotImplementedError
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        logc: Tensor,
+        pos: Tensor,
+        kv_pos: Tensor,
+        sink: int,
+        recent: int,
+        return_mass: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """``kvslim::attend`` over the rows and the step's new tokens (its shapes)."""
+        s = self.site
+        return torch.ops.kvslim.attend(
+            q, k, v, self.keys(), self.values(), logc, pos, kv_pos, s.scale, s.window, sink,
+            recent, return_mass,
+        )  # fmt: skip
+
+    def window_mass(
+        self, q: Tensor, q_pos: Tensor, logc: Tensor, pos: Tensor, capacity: int
+    ) -> tuple[Tensor, Tensor]:
+        """The attention of cached queries ``q [B, H_q, W, D]`` over the first ``capacity`` rows
+        (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
+        s = self.site
+        keys = self.keys()[:, :, :capacity]
+        return window_mass(q, q_pos, keys, logc, pos, s.scale, s.window)
+
+    def options(self) -> dict:
+        """The options that rebuild this storage (recorded in exported packages)."""
+        return {}
+
+
+STORAGES: dict[str, type[Storage]] = {}
+
+
+def register_storage(cls: type[Storage]) -> type[Storage]:
+    """Class decorator: make ``storage="<cls.name>"`` available to ``transform`` (a later
+    registration of the same name replaces the earlier)."""
+    if not (isinstance(cls, type) and issubclass(cls, Storage)):
+        raise TypeError(
+            f"register_storage takes a subclass of kvslim_fx.storage.Storage, got {cls!r}"
+        )
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{cls.__name__} must set a class attribute `name` (a non-empty string)")
+    STORAGES[cls.name] = cls
+    return cls
