@@ -24,6 +24,8 @@ Rows (``--rows`` takes comma-separated shell patterns over these names):
   compression method at each budget, e.g. ``streaming-2048-compile``, ``snapkv-25%-compile``.
   A budget is a number of slots per layer or a fraction of the context (``round(frac * ctx)``).
   A cell whose budget holds the whole sequence is skipped (it compresses nothing).
+  ``--storages dense,int8`` adds ``<method>+int8-<budget>-<mode>`` rows: the same policy over
+  the int8 storage.
 
 Timing. Every cell first runs every shape its timed run will use (the prompt's prefill chunks
 and ``--warmup`` decode steps) on the same cache, so compilation is never timed; then the cache
@@ -100,6 +102,7 @@ class Row:
     method: str | None = None
     budget: int | float | None = None  # slots, or a fraction of the context
     mode: str = "eager"  # "eager" | "compile" | "aoti"
+    storage: str = "dense"  # a kvslim row's storage (kvslim_fx.STORAGES, with options)
 
     def slots(self, context: int) -> int | None:
         if self.budget is None:
@@ -113,14 +116,24 @@ def budget_label(budget: int | float) -> str:
     return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
 
 
-def all_rows(methods: list[str], budgets: list[int | float], modes: list[str]) -> list[Row]:
+def all_rows(
+    methods: list[str],
+    budgets: list[int | float],
+    modes: list[str],
+    storages: tuple[str, ...] = ("dense",),
+) -> list[Row]:
+    """HF's rows, full's, then every method × storage × budget × mode; a row over a storage
+    other than dense is named ``<method>+<storage>-<budget>-<mode>``, e.g.
+    ``streaming+int8-2048-compile``."""
     rows = [Row("hf-eager", "hf-eager"), Row("hf-static-compile", "hf-static", mode="compile")]
     rows += [Row(f"full-{m}", "kvslim", "full", None, m) for m in ("eager", "compile", "aoti")]
     for method in methods:
-        for budget in budgets:
-            for mode in modes:
-                name = f"{method}-{budget_label(budget)}-{mode}"
-                rows.append(Row(name, "kvslim", method, budget, mode))
+        for storage in storages:
+            label = method if storage == "dense" else f"{method}+{storage}"
+            for budget in budgets:
+                for mode in modes:
+                    name = f"{label}-{budget_label(budget)}-{mode}"
+                    rows.append(Row(name, "kvslim", method, budget, mode, storage))
     return rows
 
 
@@ -429,7 +442,8 @@ class KVSlimDecoder:
         import kvslim_fx
 
         self.batch, self.context, self.max_length = batch, context, max_length
-        core = kvslim_fx.transform(hf, row.method, row.slots(context), chunk_size=args.chunk_size)
+        core = kvslim_fx.transform(hf, row.method, row.slots(context), chunk_size=args.chunk_size,
+                                   storage=row.storage)  # fmt: skip
         core.reset(batch_size=batch, max_length=max_length, prompt_len=context)
         self.core = core
         self.model: Any = core
@@ -868,6 +882,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="slots per layer or fractions of the context (default: 2048,0.25)",
     )
     p.add_argument(
+        "--storages",
+        default="dense",
+        help="storages of the method rows, e.g. dense,int8 (default: dense)",
+    )
+    p.add_argument(
         "--method-modes",
         default="compile",
         help="modes of the method rows: compile, eager, aoti (default: compile)",
@@ -925,7 +944,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [m for m in methods if m not in METHODS or m == "full"]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(set(METHODS) - {'full'})}")
-        args.row_list = select_rows(all_rows(methods, budgets, modes), args.rows)
+        from kvslim_fx.storage import make_storage
+
+        storages = tuple(x.strip() for x in args.storages.split(",") if x.strip())
+        for storage in storages:
+            make_storage(storage)
+        args.row_list = select_rows(all_rows(methods, budgets, modes, storages), args.rows)
     except ValueError as err:
         p.error(str(err))
     if args.new_tokens < 1 or any(c < 1 for c in args.context_list):

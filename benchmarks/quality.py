@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in args.methods:
         try:
             name, options = parse_spec(spec)
-            make_method(name, **{k: v for k, v in options.items() if k not in TRANSFORM_OPTIONS})
+            make_method(name, **method_options(options))
         except KVSlimError as err:
             p.error(f"--methods {spec}: {err}")
     try:
@@ -388,18 +388,28 @@ def baseline_perplexity(cells: list[dict]) -> pd.Series:
 
 
 def perplexity_rows(
-    records: pd.DataFrame, by: list[str], full: pd.Series, base: pd.Series, windows: int
+    records: pd.DataFrame,
+    by: list[str],
+    full: pd.Series,
+    base: pd.Series,
+    windows: int,
+    ours: pd.Series | None = None,
 ) -> pd.DataFrame:
     """A table row per ``by`` group of per-window ``records``, in their order: mean perplexity,
     each window's, Δ vs ``full`` (full's perplexity by window) over the windows both have, the
     paired log-perplexity difference to :data:`BASELINE` (``base``, by budget and window) with
-    its bootstrap interval, the means of cache bytes, seconds and merges, and the largest
-    slots."""
+    its bootstrap interval (and, for a row over another storage, to the same method's dense
+    row in ``ours``, by method, budget and window), the means of cache bytes, seconds and
+    merges, and the largest slots."""
     records = records.reindex(columns=WINDOW_FIELDS)
     keys = pd.MultiIndex.from_arrays([records.budget, records.window])
+    twins = pd.MultiIndex.from_arrays([records.method.map(dense_twin), records.budget,
+                                       records.window])  # fmt: skip
+    dense = np.nan if ours is None else ours.reindex(twins).to_numpy()
     records = records.assign(
         delta=records.perplexity - records.window.map(full),
         log_ratio=np.log(records.perplexity.to_numpy()) - np.log(base.reindex(keys).to_numpy()),
+        log_ratio_dense=np.log(records.perplexity.to_numpy()) - np.log(dense),
     )
     means = ["prefill_s", "decode_s", "merges", "fallbacks", *MEANS]
     rows = records.groupby(by, sort=False, dropna=False).agg(
@@ -409,6 +419,7 @@ def perplexity_rows(
         per_window=("perplexity", list),
         delta_vs_full=("delta", "mean"),
         vs_baseline=("log_ratio", paired_interval),
+        vs_dense=("log_ratio_dense", paired_interval),
         **{key: (key, "mean") for key in means},
         **{key: (key, "max") for key in SLOT_FIELDS},
         threads=("threads", _distinct),
@@ -448,6 +459,7 @@ def perplexity_table(rows: pd.DataFrame, windows: int) -> str:
         "perplexity": formatted(rows.quality, "{:.3f}"),
         "Δ vs full": formatted(rows.delta_vs_full, "{:+.3f}"),
         f"vs {BASELINE} (95 % CI)": rows.vs_baseline.map(_percent_interval),
+        "vs dense (95 % CI)": rows.vs_dense.map(_percent_interval),
         "largest slot (p99): prompt → end": formatted(rows.largest_prompt, "{:.0f}")
         + formatted(rows.p99_prompt, " ({:.0f})")
         + formatted(rows.largest_end, " → {:.0f}")
@@ -455,7 +467,11 @@ def perplexity_table(rows: pd.DataFrame, windows: int) -> str:
         "per window": rows.per_window.map(lambda ppl: ", ".join(f"{p:.3f}" for p in ppl)),
         "s / window (prefill + decode)": seconds + formatted(rows.decode_s, " + {:.1f})"),
     }
-    return markdown_table(pd.DataFrame(columns), align="lrrrrrrrrlr")
+    align = "lrrrrrrrrrlr"
+    if not columns["vs dense (95 % CI)"].astype(bool).any():  # no row over another storage
+        del columns["vs dense (95 % CI)"]
+        align = align[:8] + align[9:]
+    return markdown_table(pd.DataFrame(columns), align=align)
 
 
 def _percent_interval(interval: tuple[float, float, float] | None) -> str:
@@ -700,8 +716,11 @@ def build_tables(
     if cells:
         full = pd.Series({c["window"]: c["perplexity"] for c in cells if c["method"] == "full"})
         base = baseline_perplexity(cells)
+        ours = pd.Series({(c["method"], cell_budget(c), c["window"]): c["perplexity"]
+                          for c in cells})  # fmt: skip
         records = perplexity_records(cells)
-        rows = [perplexity_rows(records, ["method", "budget_slots"], full, base, args.windows)]
+        rows = [perplexity_rows(records, ["method", "budget_slots"], full, base, args.windows,
+                                ours)]  # fmt: skip
         rows += [peer_perplexity_rows(peer, cells, full, base, args)] if peer else []
         tables["perplexity"] = _concat(rows)
     for task in CASE_BUILDERS:
@@ -726,14 +745,41 @@ def cells_to_run(args: argparse.Namespace) -> list[tuple[str, Budget]]:
     return [
         (method, budget)
         for method in args.methods
-        for budget in ([None] if method == "full" else args.budgets)
+        for budget in ([None] if method.split(":")[0] == "full" else args.budgets)
     ]
+
+
+def method_options(options: dict) -> dict:
+    """A spec's options that are the method's (not transform's, not the storage's)."""
+    return {k: v for k, v in options.items() if k not in TRANSFORM_OPTIONS and "." not in k}
+
+
+def transform_options(options: dict) -> dict:
+    """A spec's options for ``transform``: ``storage=int8:storage.group=16`` → the storage spec
+    ``int8:group=16`` (a spec's own separator is the colon, so a storage's options carry the
+    ``storage.`` prefix), the method's options as they are."""
+    extra = [f"{k.removeprefix('storage.')}={v}" for k, v in options.items() if "." in k]
+    rest = {k: v for k, v in options.items() if "." not in k}
+    if extra:
+        rest["storage"] = ":".join([str(options.get("storage", "dense")), *extra])
+    return rest
+
+
+def dense_twin(label: str) -> str | None:
+    """The same method spec over the dense storage, for a spec that names another storage
+    (its rows get a paired ``vs dense`` column); None for a dense one or a peer."""
+    if is_peer(label):
+        return None
+    _, options = parse_spec(label)
+    if str(options.get("storage", "dense")) == "dense":
+        return None
+    return ":".join(p for p in label.split(":") if not p.startswith("storage"))
 
 
 def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, label: str):
     start = time.perf_counter()
     name, options = parse_spec(method)
-    model = transform(hf, name, budget, chunk_size=args.chunk_size, **options)
+    model = transform(hf, name, budget, chunk_size=args.chunk_size, **transform_options(options))
     log(f"{label}: transformed in {time.perf_counter() - start:.1f} s")
     return model
 

@@ -232,8 +232,9 @@ class LayerCache(nn.Module):
             keep = kv_pos >= 0 if plan.keep is None else plan.keep & (kv_pos >= 0)
             slot = self._free_slots(keep)
         if plan.stage:  # the staged token (merged or not) moves from the trash row
-            k, v = self.storage.rows(torch.full_like(slot, C))
-        self.storage.write(slot, k, v)
+            self.storage.move(torch.full_like(slot, C), slot)
+        else:
+            self.storage.write(slot, k, v)
         index = _index(slot)
         self.pos.index_put_(index, torch.where(slot == C, -1, kv_pos))
         for name, value in plan.new_state.items():

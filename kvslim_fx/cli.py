@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         "(numbers, true/false, inf)",
     )
     common.add_argument(
+        "--storage",
+        default="dense",
+        metavar="NAME[:KEY=VALUE...]",
+        help="how the cache holds K/V, a storage registered in kvslim_fx.STORAGES: dense "
+        "(default) or int8, with options after colons, e.g. int8:group=16",
+    )
+    common.add_argument(
         "--chunk-size",
         type=int,
         default=512,
@@ -470,18 +477,21 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     """transform()'s keyword arguments, checked before any model is loaded."""
     from .budget import parse_budget
     from .methods import make_method, parse_option
+    from .storage import make_storage
 
     budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     method_options = dict(parse_option(text) for text in args.option)
     if args.sink is not None:
         method_options["sink"] = args.sink
-    # Loading a large model takes a while; a typo in the method or budget should not.
+    # Loading a large model takes a while; a typo in the method, budget or storage should not.
     make_method(args.method, budget, **method_options)
+    make_storage(args.storage)
     return {
         "method": args.method,
         "budget": budget,
         "chunk_size": args.chunk_size,
         "prefill": args.prefill,
+        "storage": args.storage,
         **method_options,
     }
 

@@ -91,6 +91,7 @@ def export(
         "method": core.method.name,
         "options": core.method.options(),
         "storage": core.layers[0].storage.name,
+        "storage_options": core.layers[0].storage.options(),
         "batch_size": batch_size,
         "chunk_size": chunk,
         "max_length": max_length or core.max_positions,

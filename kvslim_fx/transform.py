@@ -14,7 +14,7 @@ from .methods.base import positive
 from .model import KVSlimModel, _max_positions
 from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
-from .storage import storage_class
+from .storage import make_storage
 
 DEFAULT_CHUNK = 512
 PREFILL_MODES = ("bounded", "full")
@@ -49,8 +49,9 @@ def transform(
             at the end of the prompt decides what is kept (peak memory: the prompt's cache).
         prefill_window: the queries that score the prompt in ``"full"`` mode (SnapKV's
             observation window).
-        storage: a registered storage name (``kvslim_fx.storage.STORAGES``): how the K/V rows
-            are held (``"dense"``: as they are, in the model's dtype).
+        storage: a registered storage (``kvslim_fx.storage.STORAGES``), with options after
+            colons: how the K/V rows are held (``"dense"``: as they are, in the model's dtype;
+            ``"int8"`` or ``"int8:group=16"``: int8 codes and a scale per group of channels).
         **options: the method's own options (e.g. ``sink``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -61,7 +62,7 @@ def transform(
         raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
     positive("prefill_window", prefill_window)
     algo = make_method(method, budget, **options)
-    store = storage_class(storage)
+    store = make_storage(storage)
     config = model.config
     arch = getattr(config, "model_type", type(model).__name__)
     max_pos = _max_positions(config)

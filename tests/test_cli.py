@@ -71,12 +71,13 @@ def words(ids: torch.Tensor) -> str:
     return " ".join(f"w{i}" for i in ids.tolist() if i > UNK_TOKEN_ID)
 
 
-def test_generate_prints_the_library_tokens_and_cache_sizes(model_dir, capsys):
+@pytest.mark.parametrize("storage", ["dense", "int8"])
+def test_generate_prints_the_library_tokens_and_cache_sizes(storage, model_dir, capsys):
     argv = ["generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-new-tokens", "5"]
-    assert main([*argv, *STREAMING]) == 0
+    assert main([*argv, *STREAMING, "--storage", storage]) == 0
     out, err = capsys.readouterr()
 
-    model = kv_model("llama", "streaming", 16, chunk_size=8, sink=2)
+    model = kv_model("llama", "streaming", 16, chunk_size=8, sink=2, storage=storage)
     sequences = kvslim_fx.generate(model, PROMPT_IDS, max_new_tokens=5)
     new = sequences[0, PROMPT_IDS.shape[1] :]
     assert new.numel() == 5  # no EOS from this seed, so the numbers below are all non-trivial
@@ -132,6 +133,9 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         (["--model", "EMPTY"], "EMPTY is a folder but has no config.json"),
         (["--option", "recent"], "option is KEY=VALUE"),
         (["--method", "kvslimmer", "--budget", "64", "--option", "bias_cap=0"], "bias_cap must"),
+        (["--storage", "nope"], "unknown storage 'nope'; choose one of: "),
+        (["--storage", "int8:group=3"], "group=3 must be at least 2 and divide"),
+        (["--storage", "int8:bits=4"], "bad options for storage 'int8'"),
     ],
     ids=[
         "method",
@@ -142,6 +146,9 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         "empty-dir",
         "option-syntax",
         "option-value",
+        "storage",
+        "storage-value",
+        "storage-option",
     ],
 )
 def test_bad_input_is_one_line_and_status_2(options, message, model_dir, tmp_path, capsys):

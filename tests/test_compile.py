@@ -21,7 +21,11 @@ CASES = [
     # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
     # machinery too (test_registration.py shows it equals H2O without the decay).
     ("decayed", 40),
-    ("tova", 40),
+    (
+        "tova",
+        40,
+        "int8",
+    ),  # a policy over the int8 storage (test_storage.py: int8 = dense + rounding)
     ("snapkv", 40),
 ]
 
@@ -40,10 +44,11 @@ class CountingBackend:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "budget"), CASES)
-def test_compiled_decode_is_one_graph_without_recompiles(method, budget):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_compiled_decode_is_one_graph_without_recompiles(case):
+    method, budget, storage = (*case, "dense")[:3]
     options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
-    model = kv_model("llama", method, budget, chunk_size=32, **options)
+    model = kv_model("llama", method, budget, chunk_size=32, storage=storage, **options)
     ids, mask = prompts(2, 70, [0, 9], seed=6)
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=50, eos_token_id=[])
     torch._dynamo.reset()

@@ -17,14 +17,20 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py).
-    params=[("full", None, 1), ("kvslimmer", 48, 2), ("weightedkv", 40, 1), ("decayed", 40, 2)],
-    ids=lambda p: p[0],
+    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py); WeightedKV
+    # (its folds, a staged decode token) over the int8 storage.
+    params=[
+        ("full", None, 1, "dense"),
+        ("kvslimmer", 48, 2, "dense"),
+        ("weightedkv", 40, 1, "int8"),
+        ("decayed", 40, 2, "dense"),
+    ],
+    ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3]}",
 )
 def package(request, tmp_path_factory):
-    method, budget, batch = request.param
+    method, budget, batch, storage = request.param
     options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
-    model = kv_model("llama", method, budget, chunk_size=32, **options)
+    model = kv_model("llama", method, budget, chunk_size=32, storage=storage, **options)
     path = tmp_path_factory.mktemp("pkg") / f"{method}.pt2"
     kvslim_fx.export(model, path, batch_size=batch, max_length=160)
     return model, path, batch
@@ -37,6 +43,7 @@ def test_package_generates_the_eager_tokens(package):
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[])
     runner = kvslim_fx.load(path)
     assert runner.meta["method"] == model.method.name
+    assert runner.meta["storage"] == model.layers[0].storage.name
     assert runner.meta["vocab_size"] == 128  # the runner refuses ids outside its embedding
     model.reset(batch_size=batch, max_length=160)
     assert runner.meta["cache_bytes"] == model.cache_bytes()

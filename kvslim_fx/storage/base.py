@@ -55,6 +55,11 @@ class Storage(nn.Module):
         Several tokens may target the trash row; no other row twice."""
         raise NotImplementedError
 
+    def move(self, src: Tensor, dst: Tensor) -> None:
+        """Copy rows ``src`` to rows ``dst`` (``[B, H_kv, M]``) as they are stored (no
+        re-encoding: a staged token keeps its exact bytes)."""
+        self.write(dst, *self.rows(src))
+
     def merge(
         self,
         src: Tensor,

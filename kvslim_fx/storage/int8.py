@@ -1,0 +1,153 @@
+"""``int8``: K and V rows quantised to int8 with torchao's affine primitives, a scale per group.
+
+Each row (one token's key or value, ``D`` channels) is split into groups of ``group`` channels;
+each group is quantised symmetrically (``torchao.quantization.quant_primitives``:
+``choose_qparams_affine`` with ``MappingType.SYMMETRIC``, ``quantize_affine``,
+``dequantize_affine``), its scale kept in float32. A row is then ``D`` bytes plus ``4·D/group``
+of scales, where ``dense`` float32 takes ``4·D`` (``dense`` bfloat16: ``2·D``).
+
+Why per token (row) and not KIVI's per-channel keys: a slot cache writes, merges and evicts rows
+one at a time in no particular order; a per-channel scale is shared by a group of tokens, so
+writing one token would re-quantise its group (KIVI keeps the newest tokens in full precision
+and quantises them in groups as they age, which needs ordered, append-only storage). Groups
+along the channels give keys' outlier channels scales of their own instead; the default group
+was chosen by measurement (docs/design.md).
+
+Attention dequantises the rows and runs ``kvslim::attend`` (the reference on every device for
+now); a merge dequantises the pair, combines it in float32 and re-quantises the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import KVSlimError
+from ..kernels.run_merge import rope_rotate
+from .base import Storage, register_storage
+
+# Channels per scale (docs/design.md has the measurement that chose it).
+DEFAULT_GROUP = 32
+
+
+def _torchao():
+    """torchao's quantisation primitives (imported on first use: importing torchao takes
+    seconds)."""
+    from torchao.quantization import quant_primitives
+
+    return quant_primitives
+
+
+def quantize(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """``x [..., D]`` → int8 codes ``[..., D]`` and float32 scales ``[..., D / group]``."""
+    q = _torchao()
+    block = (1,) * (x.dim() - 1) + (group,)
+    x = x.float()
+    scale, zero = q.choose_qparams_affine(x, q.MappingType.SYMMETRIC, block, torch.int8)
+    codes = q.quantize_affine(x, block, scale, zero, torch.int8)
+    return codes, scale.reshape(*x.shape[:-1], -1)
+
+
+def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`quantize` (up to half a step per element), in ``dtype``."""
+    q = _torchao()
+    group = codes.shape[-1] // scale.shape[-1]
+    block = (1,) * (codes.dim() - 1) + (group,)
+    return q.dequantize_affine(codes, block, scale, None, torch.int8, output_dtype=dtype)
+
+
+@register_storage
+class Int8(Storage):
+    """``kq, vq [B, H_kv, R, D]`` int8 and ``k_scale, v_scale [B, H_kv, R, D / group]`` float32."""
+
+    name = "int8"
+
+    def __init__(self, site, rope=None, group: int | None = None) -> None:
+        super().__init__(site, rope)
+        D = site.head_dim
+        if group is None:  # the measured default where it divides the head, else one per row
+            group = DEFAULT_GROUP if D % DEFAULT_GROUP == 0 else D
+        if isinstance(group, bool) or not isinstance(group, int) or group < 2 or D % group:
+            raise KVSlimError(
+                f"int8 storage: group={group!r} must be at least 2 and divide the head dimension "
+                f"{D} (e.g. group={D} for one scale per row)"
+            )
+        self.group = group
+        for name in ("kq", "vq", "k_scale", "v_scale"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.dtype = torch.float32  # the model's, set by allocate: what attention reads
+
+    def options(self) -> dict:
+        return {"group": self.group}
+
+    def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, self.site.num_kv_heads, rows, self.site.head_dim)
+        groups = (*shape[:3], shape[3] // self.group)
+        self.dtype = dtype
+        if self.kq.shape != shape or self.kq.device != device:
+            self.kq = torch.zeros(shape, dtype=torch.int8, device=device)
+            self.vq = torch.zeros_like(self.kq)
+            self.k_scale = torch.zeros(groups, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros_like(self.k_scale)
+        else:
+            for t in (self.kq, self.vq, self.k_scale, self.v_scale):
+                t.zero_()
+
+    def keys(self) -> Tensor:
+        return dequantize(self.kq, self.k_scale, self.dtype)
+
+    def values(self) -> Tensor:
+        return dequantize(self.vq, self.v_scale, self.dtype)
+
+    def rows(self, slot: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(dequantize(_gather(c, slot), _gather(s, slot), self.dtype)
+                     for c, s in ((self.kq, self.k_scale), (self.vq, self.v_scale)))  # fmt: skip
+
+    def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None, where=None) -> None:
+        for x, codes, scale in ((k, self.kq, self.k_scale), (v, self.vq, self.v_scale)):
+            if x is None:
+                continue
+            new_codes, new_scale = quantize(x, self.group)
+            if where is not None:  # rows outside `where` keep their bytes exactly
+                new_codes = torch.where(where[..., None], new_codes, _gather(codes, slot))
+                new_scale = torch.where(where[..., None], new_scale, _gather(scale, slot))
+            index = _index(slot)
+            codes.index_put_(index, new_codes)
+            scale.index_put_(index, new_scale)
+
+    def move(self, src: Tensor, dst: Tensor) -> None:
+        index = _index(dst)
+        for t in (self.kq, self.vq, self.k_scale, self.v_scale):
+            t.index_put_(index, _gather(t, src))
+
+    def merge(self, src, dst, do, key, value, gap) -> None:
+        (k_src, v_src), (k_dst, v_dst) = self.rows(src), self.rows(dst)
+        v = value[0][..., None] * v_src.float() + value[1][..., None] * v_dst.float()
+        k = None
+        if key is not None:
+            rope = self.rope
+            k_src = rope_rotate(k_src.float(), gap, None if rope is None else rope.inv_freq,
+                                None if rope is None else rope.rotary_dim)  # fmt: skip
+            k = key[0][..., None] * k_src + key[1][..., None] * k_dst.float()
+        self.write(dst, k, v, where=do)
+
+    def take(self, source: Tensor, keep: Tensor) -> None:
+        for name in ("kq", "vq", "k_scale", "v_scale"):
+            kept = torch.where(keep[..., None], _gather(getattr(self, name), source), 0)
+            setattr(self, name, torch.cat([kept, torch.zeros_like(kept[:, :, :1])], dim=2))
+
+    def slot_bytes(self) -> int:
+        tensors = (self.kq, self.vq, self.k_scale, self.v_scale)
+        return sum(t[:, :, :1].numel() * t.element_size() for t in tensors)
+
+
+def _index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, _ = slot.shape
+    rows = torch.arange(B, device=slot.device)[:, None, None]
+    heads = torch.arange(H, device=slot.device)[None, :, None]
+    return rows, heads, slot
+
+
+def _gather(x: Tensor, slot: Tensor) -> Tensor:
+    """Rows ``slot [B, H, M]`` of ``x [B, H, R, E]``: ``[B, H, M, E]``."""
+    return x.gather(2, slot[..., None].expand(*slot.shape, x.shape[-1]))
