@@ -65,3 +65,60 @@ def parse_budgets(text: str, name: str = "budgets") -> list[int | float]:
     if not budgets:
         raise KVSlimError(f"{name} must be comma-separated budgets, e.g. 2048,0.25; got {text!r}")
     return budgets
+
+
+SCHEDULES = ("uniform", "pyramid")
+# PyramidKV's β: the top layer keeps 1/β of the mean selectable budget (their code's default).
+PYRAMID_BETA = 20
+
+
+def layer_budgets(
+    slots: int, layers: int, schedule: str | list[int] | tuple[int, ...], floor: int = 0
+) -> list[int]:
+    """Slots per layer for a mean of ``slots`` over ``layers`` layers.
+
+    ``"uniform"``: ``slots`` each. ``"pyramid"`` (PyramidKV, Cai et al. 2024): every layer keeps
+    ``floor`` slots (what a method protects: sinks, its recent or observation window, as
+    PyramidKV keeps its window in every layer), and the rest, ``slots - floor`` on average,
+    decreases linearly from the first layer to the last: the last keeps ``1/β`` of it
+    (``β = 20``), the first twice the mean minus that, so the total is ``layers · slots``
+    (rounding spread by largest remainder). A list gives each layer's slots itself.
+    """
+    if not isinstance(schedule, str):
+        return list(schedule)
+    if schedule == "uniform" or layers == 1 or slots <= floor:
+        return [slots] * layers
+    mean = slots - floor
+    top = mean / PYRAMID_BETA
+    step = (2 * mean - 2 * top) / (layers - 1)
+    shares = [floor + 2 * mean - top - i * step for i in range(layers)]
+    budgets = [int(x) for x in shares]
+    short = layers * slots - sum(budgets)
+    for i in sorted(range(layers), key=lambda i: budgets[i] - shares[i])[:short]:
+        budgets[i] += 1
+    return budgets
+
+
+def check_schedule(schedule: object, layers: int | None = None) -> str | tuple[int, ...]:
+    """``schedule`` if it is one of :data:`SCHEDULES` or a list of positive slot counts (one per
+    layer when ``layers`` is given); otherwise a :class:`KVSlimError` naming the forms."""
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise KVSlimError(
+                f"budget_schedule must be one of {', '.join(SCHEDULES)} or a list of slots per "
+                f"layer, got {schedule!r}"
+            )
+        return schedule
+    if not isinstance(schedule, list | tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in schedule
+    ):
+        raise KVSlimError(
+            f"budget_schedule must be one of {', '.join(SCHEDULES)} or a list of positive slot "
+            f"counts, one per layer; got {schedule!r}"
+        )
+    if layers is not None and len(schedule) != layers:
+        raise KVSlimError(
+            f"budget_schedule lists {len(schedule)} layers but the model has {layers}; give one "
+            "slot count per attention layer"
+        )
+    return tuple(schedule)

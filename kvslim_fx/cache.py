@@ -29,6 +29,7 @@ from .methods import Method, SlotLayout
 from .methods.scoring import fold_right
 from .plan import Plan
 from .storage import Storage
+from .storage.base import slot_index
 
 _BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
 
@@ -235,7 +236,7 @@ class LayerCache(nn.Module):
             self.storage.move(torch.full_like(slot, C), slot)
         else:
             self.storage.write(slot, k, v)
-        index = _index(slot)
+        index = slot_index(slot)
         self.pos.index_put_(index, torch.where(slot == C, -1, kv_pos))
         for name, value in plan.new_state.items():
             state = getattr(self, name)
@@ -274,7 +275,9 @@ class LayerCache(nn.Module):
         B, H, L, _ = k.shape
         slot = torch.where(dropped, lay.capacity, slot)[:, None, :].expand(B, H, L)
         self.storage.write(slot, k, v)
-        self.pos.index_put_(_index(slot), torch.where(dropped, -1, r)[:, None, :].expand(B, H, L))
+        self.pos.index_put_(
+            slot_index(slot), torch.where(dropped, -1, r)[:, None, :].expand(B, H, L)
+        )
 
     def _compact(self, layout: SlotLayout) -> None:
         """Move the kept slots into buffers of ``layout``'s capacity (positions unchanged).
@@ -308,14 +311,6 @@ class LayerCache(nn.Module):
         self.layout = layout
 
 
-def _index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``index_put_`` indices of slots ``[B, H, M]``."""
-    B, H, _ = slot.shape
-    rows = torch.arange(B, device=slot.device)[:, None, None]
-    heads = torch.arange(H, device=slot.device)[None, :, None]
-    return rows, heads, slot
-
-
 def _at(x: Tensor, slot: Tensor) -> Tensor:
     """``x[b, h, slot[b, h, p]]``: ``[B, H, P]``."""
     return x.gather(2, slot)
@@ -323,4 +318,4 @@ def _at(x: Tensor, slot: Tensor) -> Tensor:
 
 def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
     """``x[b, h, slot[b, h, p]] = value[b, h, p]`` where ``where``, in place."""
-    x.index_put_(_index(slot), torch.where(where, value.to(x.dtype), _at(x, slot)))
+    x.index_put_(slot_index(slot), torch.where(where, value.to(x.dtype), _at(x, slot)))

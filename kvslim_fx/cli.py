@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         "(numbers, true/false, inf)",
     )
     common.add_argument(
+        "--budget-schedule",
+        default="uniform",
+        metavar="uniform|pyramid|N,N,...",
+        help="how the budget spreads over the layers: uniform (default), pyramid (PyramidKV: "
+        "more slots in lower layers, the same total) or slots per layer",
+    )
+    common.add_argument(
         "--storage",
         default="dense",
         metavar="NAME[:KEY=VALUE...]",
@@ -475,7 +482,7 @@ class _Clock:
 
 def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     """transform()'s keyword arguments, checked before any model is loaded."""
-    from .budget import parse_budget
+    from .budget import check_schedule, parse_budget
     from .methods import make_method, parse_option
     from .storage import make_storage
 
@@ -486,7 +493,18 @@ def _transform_options(args: argparse.Namespace) -> dict[str, Any]:
     # Loading a large model takes a while; a typo in the method, budget or storage should not.
     make_method(args.method, budget, **method_options)
     make_storage(args.storage)
+    schedule = args.budget_schedule
+    if schedule[:1].isdigit():
+        try:
+            schedule = [int(n) for n in schedule.split(",")]
+        except ValueError:
+            raise KVSlimError(
+                f"--budget-schedule takes uniform, pyramid or slots per layer (e.g. 512,256), "
+                f"got {args.budget_schedule!r}"
+            ) from None
+    check_schedule(schedule)
     return {
+        "budget_schedule": schedule,
         "method": args.method,
         "budget": budget,
         "chunk_size": args.chunk_size,

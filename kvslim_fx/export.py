@@ -92,6 +92,7 @@ def export(
         "options": core.method.options(),
         "storage": core.layers[0].storage.name,
         "storage_options": core.layers[0].storage.options(),
+        "layer_slots": core.layer_slots,
         "batch_size": batch_size,
         "chunk_size": chunk,
         "max_length": max_length or core.max_positions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
+from .budget import layer_budgets
 from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import Method
@@ -34,8 +35,10 @@ class KVSlimModel(nn.Module):
         chunk_size: int,
         prefill: str = "bounded",
         prefill_window: int = 64,
+        budget_schedule: str | tuple[int, ...] = "uniform",
     ) -> None:
         super().__init__()
+        self.budget_schedule = budget_schedule
         self.graph = graph
         self.method = method
         self.config = config
@@ -44,9 +47,9 @@ class KVSlimModel(nn.Module):
         self.chunk_size = chunk_size
         self.prefill = prefill
         self.prefill_window = prefill_window
-        # Set by reset(): the budget's slots per layer, the chunk length decoding allows, and
-        # whether the cache holds a whole prompt that end_prompt() has still to compress.
-        self.slots = 0
+        # Set by reset(): each layer's slots, the chunk length decoding allows, and whether the
+        # cache holds a whole prompt that end_prompt() has still to compress.
+        self.layer_slots: list[int] = []
         self.decode_chunk = chunk_size
         self.prompt_pending = False
         self.peak_cache_bytes = 0
@@ -92,26 +95,39 @@ class KVSlimModel(nn.Module):
                 "shorten the prompt or generate fewer tokens"
             )
         slots = self.method.slots(prompt_len or max_length, max_length)
+        if self.method.budget is not None:
+            floor = self.method.floor(slots)
+            per_layer = layer_budgets(slots, len(self.layers), self.budget_schedule, floor)
+        else:
+            per_layer = [slots] * len(self.layers)
         # A cache that holds the whole sequence never compresses, so its chunks need no limit.
-        fits = max_length <= slots
-        limit = None if fits else self.method.max_chunk(slots)
-        if limit is not None and limit < 1:
-            raise KVSlimError(
-                f"{self.method.name}: a budget of {slots} slots leaves no room to compress; "
-                "raise the budget or lower sink/recent"
-            )
+        fits = all(max_length <= n for n in per_layer)
+        limit = None
+        for layer, n in enumerate(per_layer):
+            if max_length > n:
+                self.method.check_layer_budget(n, layer)
+                cap = self.method.max_chunk(n)
+                if cap is not None and cap < 1:
+                    where = (
+                        f" (layer {layer}'s share of the budget)" if len(set(per_layer)) > 1 else ""
+                    )
+                    raise KVSlimError(
+                        f"{self.method.name}: a budget of {n} slots{where} leaves no room to "
+                        "compress; raise the budget or lower sink/recent"
+                    )
+                limit = cap if limit is None or cap is None else min(limit, cap)
         # A merging cache frees at most `limit` slots per step: longer chunks are split.
         self.decode_chunk = min(self.requested_chunk, limit or self.requested_chunk)
-        self.slots = slots
+        self.layer_slots = per_layer
         self.prompt_pending = self.prefill == "full" and not fits
-        held, observe = slots, 0
+        held, observe = per_layer, 0
         if self.prompt_pending:
-            held = max(slots, round_capacity(prompt_len or max_length))
+            held = [max(n, round_capacity(prompt_len or max_length)) for n in per_layer]
             # Keep only the prompt's last queries that the method's rule reads.
             observe = min(self.prefill_window, self.method.observe or self.prefill_window)
         self.chunk_size = self.requested_chunk if self.prompt_pending else self.decode_chunk
-        for layer in self.layers:
-            layer.allocate(batch_size, held, self.dtype, self.device, observe)
+        for layer, n in zip(self.layers, held, strict=True):
+            layer.allocate(batch_size, n, self.dtype, self.device, observe)
         # The most the cache holds: the prompt's slots in "full" mode, else the budget's.
         self.peak_cache_bytes = self.cache_bytes()
         if self.seen.shape != (batch_size,):
@@ -126,8 +142,8 @@ class KVSlimModel(nn.Module):
         if not self.prompt_pending:
             return
         with torch.no_grad():
-            for layer in self.layers:
-                layer.end_prompt(self.slots)
+            for layer, slots in zip(self.layers, self.layer_slots, strict=True):
+                layer.end_prompt(slots)
         self.chunk_size = self.decode_chunk
         self.prompt_pending = False
 

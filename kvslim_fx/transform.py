@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .budget import check_schedule
 from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import make_method
@@ -20,7 +21,7 @@ DEFAULT_CHUNK = 512
 PREFILL_MODES = ("bounded", "full")
 # transform()'s own keyword options (the rest of **options belong to the method); a benchmark's
 # method spec (kvslimmer:prefill=full:recent=64) may carry either.
-TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window", "storage")
+TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window", "storage", "budget_schedule")
 
 
 def transform(
@@ -32,6 +33,7 @@ def transform(
     prefill: str = "bounded",
     prefill_window: int = 64,
     storage: str = "dense",
+    budget_schedule: str | list[int] = "uniform",
     **options,
 ) -> KVSlimModel:
     """Return ``model`` with every attention layer replaced by a fixed-capacity cached attention.
@@ -52,6 +54,10 @@ def transform(
         storage: a registered storage (``kvslim_fx.storage.STORAGES``), with options after
             colons: how the K/V rows are held (``"dense"``: as they are, in the model's dtype;
             ``"int8"`` or ``"int8:group=16"``: int8 codes and a scale per group of channels).
+        budget_schedule: how the budget spreads over the layers: ``"uniform"`` (``budget`` slots
+            each), ``"pyramid"`` (PyramidKV: more slots in the lower layers, decreasing linearly,
+            the same total), or a list of slots per layer (``budget`` is then their mean and may
+            be left out).
         **options: the method's own options (e.g. ``sink``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -61,6 +67,9 @@ def transform(
     if prefill not in PREFILL_MODES:
         raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
     positive("prefill_window", prefill_window)
+    schedule = check_schedule(budget_schedule)
+    if not isinstance(schedule, str) and budget is None:
+        budget = max(1, round(sum(schedule) / len(schedule)))
     algo = make_method(method, budget, **options)
     store = make_storage(storage)
     config = model.config
@@ -101,9 +110,11 @@ def transform(
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if inputs != ["input_ids", "position_ids", "kv_positions"]:
         raise KVSlimError(f"{arch}: unexpected inputs {inputs} after the rewrite")
+    layers = sum(isinstance(m, LayerCache) for m in gm.modules())
     result = KVSlimModel(
-        gm, algo, config, out_keys.index("logits"), chunk_size, prefill, prefill_window
-    )
+        gm, algo, config, out_keys.index("logits"), chunk_size, prefill, prefill_window,
+        check_schedule(schedule, layers),
+    )  # fmt: skip
     generation = getattr(model, "generation_config", None)
     result.eos_token_id = getattr(generation, "eos_token_id", None)
     result.pad_token_id = getattr(generation, "pad_token_id", None)

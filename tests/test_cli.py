@@ -136,6 +136,8 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         (["--storage", "nope"], "unknown storage 'nope'; choose one of: "),
         (["--storage", "int8:group=3"], "group=3 must be at least 2 and divide"),
         (["--storage", "int8:bits=4"], "bad options for storage 'int8'"),
+        (["--budget-schedule", "steep"], "budget_schedule must be one of uniform, pyramid"),
+        (["--budget-schedule", "16,x"], "--budget-schedule takes uniform, pyramid or slots"),
     ],
     ids=[
         "method",
@@ -149,6 +151,8 @@ def test_sampling_and_fractional_budget_match_the_library(model_dir, tmp_path, c
         "storage",
         "storage-value",
         "storage-option",
+        "schedule",
+        "schedule-list",
     ],
 )
 def test_bad_input_is_one_line_and_status_2(options, message, model_dir, tmp_path, capsys):

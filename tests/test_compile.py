@@ -14,19 +14,17 @@ from helpers import kv_model, prompts
 import kvslim_fx
 
 CASES = [
-    ("full", None),
-    ("streaming", 40),
-    ("kvslimmer", 48),
-    ("weightedkv", 40),
+    ("full", None, {}),
+    ("streaming", 40, {}),
+    ("kvslimmer", 48, {"sink": 4, "recent": 4}),
+    ("weightedkv", 40, {}),
     # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
     # machinery too (test_registration.py shows it equals H2O without the decay).
-    ("decayed", 40),
-    (
-        "tova",
-        40,
-        "int8",
-    ),  # a policy over the int8 storage (test_storage.py: int8 = dense + rounding)
-    ("snapkv", 40),
+    ("decayed", 40, {}),
+    # Over the int8 storage (test_storage.py: int8 = dense + rounding).
+    ("tova", 40, {"storage": "int8"}),
+    # Layers of different sizes (PyramidKV's schedule).
+    ("snapkv", 48, {"budget_schedule": "pyramid"}),
 ]
 
 
@@ -44,11 +42,11 @@ class CountingBackend:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_compiled_decode_is_one_graph_without_recompiles(case):
-    method, budget, storage = (*case, "dense")[:3]
-    options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
-    model = kv_model("llama", method, budget, chunk_size=32, storage=storage, **options)
+@pytest.mark.parametrize(
+    ("method", "budget", "options"), CASES, ids=lambda c: c if isinstance(c, str) else None
+)
+def test_compiled_decode_is_one_graph_without_recompiles(method, budget, options):
+    model = kv_model("llama", method, budget, chunk_size=32, **options)
     ids, mask = prompts(2, 70, [0, 9], seed=6)
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=50, eos_token_id=[])
     torch._dynamo.reset()

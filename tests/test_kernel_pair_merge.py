@@ -93,17 +93,20 @@ def _rope(D: int, kind: str) -> tuple:
     return (None if inv_freq is None else inv_freq.float().to(DEVICE)), rotary
 
 
-@settings(max_examples=30, deadline=None)
-@given(
+# Pairs of rows to merge: batch, heads, slots, pairs, head dim, RoPE, seed.
+PAIRS = dict(
     B=st.integers(1, 2),
     H=st.integers(1, 3),
     C=st.integers(2, 24),
     P=st.integers(1, 4),
     D=st.sampled_from([4, 8, 12]),
     rope=st.sampled_from(["none", "full", "partial"]),
-    convex=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
+
+
+@settings(max_examples=30, deadline=None)
+@given(**PAIRS, convex=st.booleans())
 def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, seed):
     """The plan's split (weights from ``merge_runs`` on runs of two, rows combined by
     ``merge_rows``) gives ``merge_runs``' own merged keys and values."""
@@ -142,16 +145,7 @@ def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, 
 
 @needs_triton
 @settings(max_examples=30, deadline=None)
-@given(
-    B=st.integers(1, 2),
-    H=st.integers(1, 3),
-    C=st.integers(2, 24),
-    P=st.integers(1, 4),
-    D=st.sampled_from([4, 8, 12]),
-    rope=st.sampled_from(["none", "full", "partial"]),
-    keys=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**PAIRS, keys=st.booleans())
 def test_merge_rows_triton_matches_reference(B, H, C, P, D, rope, keys, seed):
     P = min(P, C // 2)
     cache = _cache(B, H, C, D, seed, shared=False)

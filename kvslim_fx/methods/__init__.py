@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 from ..errors import KVSlimError
+from ..registry import register
 from .base import Method, SlotLayout
 from .full import Full
 from .h2o import H2O
@@ -26,14 +27,7 @@ __all__ = ["METHODS", "Method", "SlotLayout", "make_method", "parse_option", "pa
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``method="<cls.name>"`` available to ``transform``, the command
     line and the benchmarks (a later registration of the same name replaces the earlier)."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(
-            f"register_method takes a subclass of kvslim_fx.methods.Method, got {cls!r}"
-        )
-    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-        raise TypeError(f"{cls.__name__} must set a class attribute `name` (a non-empty string)")
-    METHODS[cls.name] = cls
-    return cls
+    return register(METHODS, cls, Method, "register_method")
 
 
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:

@@ -85,6 +85,20 @@ class Method:
             return max((self.sink or 0) + 1, math.ceil(self.budget * prompt_len))
         return self.budget
 
+    def floor(self, slots: int) -> int:
+        """Slots every layer keeps under a layer-adaptive schedule of mean ``slots``: what the
+        method protects (its sinks) and one to compress with."""
+        return (self.sink or 0) + 1
+
+    def check_layer_budget(self, slots: int, layer: int) -> None:
+        """Refuse a layer's share of a budget (a layer-adaptive schedule) that cannot hold the
+        sinks and one more slot."""
+        if slots <= (self.sink or 0):
+            raise KVSlimError(
+                f"{self.name}: layer {layer} gets {slots} slots, which must exceed sink="
+                f"{self.sink}; raise the budget, lower sink or use another budget_schedule"
+            )
+
     def layout(self, slots: int, window: int, layer: int = 0) -> SlotLayout:  # pragma: no cover
         """Layer ``layer``'s slots for a budget of ``slots`` and the layer's sliding ``window``
         (0: global attention)."""

@@ -206,6 +206,10 @@ class KVSlimmer(Method):
     def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
         return dict(_SLOT_STATE)
 
+    def floor(self, slots: int) -> int:
+        # The sinks, the recent window and the 4 mergeable pairs one merge needs (max_chunk).
+        return self.sink_for(slots) + self.recent_for(slots) + 5
+
     def max_chunk(self, slots: int) -> int:
         # A full cache has `edges` mergeable pairs; a step merges as many as it adds tokens, so
         # the chunk limit keeps every merge event within `merge_fraction` of them.

@@ -123,6 +123,9 @@ class ScoreMethod(Method):
     def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
         return {name: _ACCUMULATORS[name] for name in self.accumulators}
 
+    def floor(self, slots: int) -> int:
+        return self.sink + self.recent_for(slots) + 1
+
     def max_chunk(self, slots: int) -> int | None:
         # New tokens are candidates, so any chunk fits once the protected tokens do.
         return None if self.sink + self.recent_for(slots) <= slots else 0

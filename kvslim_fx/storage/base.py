@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..kernels.attention import window_mass  # (importing it registers kvslim::attend)
 from ..passes.rope import RopeFacts
 from ..passes.sdpa import AttentionSite
+from ..registry import register
 
 
 class Storage(nn.Module):
@@ -122,11 +123,12 @@ STORAGES: dict[str, type[Storage]] = {}
 def register_storage(cls: type[Storage]) -> type[Storage]:
     """Class decorator: make ``storage="<cls.name>"`` available to ``transform`` (a later
     registration of the same name replaces the earlier)."""
-    if not (isinstance(cls, type) and issubclass(cls, Storage)):
-        raise TypeError(
-            f"register_storage takes a subclass of kvslim_fx.storage.Storage, got {cls!r}"
-        )
-    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-        raise TypeError(f"{cls.__name__} must set a class attribute `name` (a non-empty string)")
-    STORAGES[cls.name] = cls
-    return cls
+    return register(STORAGES, cls, Storage, "register_storage")
+
+
+def slot_index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``index_put_`` / advanced-indexing indices of rows ``slot [B, H, M]``."""
+    B, H, _ = slot.shape
+    rows = torch.arange(B, device=slot.device)[:, None, None]
+    heads = torch.arange(H, device=slot.device)[None, :, None]
+    return rows, heads, slot

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.pair_merge import merge_rows  # noqa: F401  (registers kvslim::merge_rows)
-from .base import Storage, register_storage
+from .base import Storage, register_storage, slot_index
 
 
 @register_storage
@@ -36,14 +36,11 @@ class Dense(Storage):
         return self.v
 
     def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None) -> None:
-        B, H, _ = slot.shape
-        rows = torch.arange(B, device=slot.device)[:, None, None]
-        heads = torch.arange(H, device=slot.device)[None, :, None]
         # index_put_ stays in place under Inductor; a scatter_ copies the whole buffer.
         if k is not None:
-            self.k.index_put_((rows, heads, slot), k.to(self.k.dtype))
+            self.k.index_put_(slot_index(slot), k.to(self.k.dtype))
         if v is not None:
-            self.v.index_put_((rows, heads, slot), v.to(self.v.dtype))
+            self.v.index_put_(slot_index(slot), v.to(self.v.dtype))
 
     def merge(self, src, dst, do, key, value, gap) -> None:
         rope = self.rope

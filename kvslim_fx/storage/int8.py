@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import KVSlimError
 from ..kernels.run_merge import rope_rotate
-from .base import Storage, register_storage
+from .base import Storage, register_storage, slot_index
 
 # Channels per scale (docs/design.md has the measurement that chose it).
 DEFAULT_GROUP = 32
@@ -111,12 +111,12 @@ class Int8(Storage):
             if where is not None:  # rows outside `where` keep their bytes exactly
                 new_codes = torch.where(where[..., None], new_codes, _gather(codes, slot))
                 new_scale = torch.where(where[..., None], new_scale, _gather(scale, slot))
-            index = _index(slot)
+            index = slot_index(slot)
             codes.index_put_(index, new_codes)
             scale.index_put_(index, new_scale)
 
     def move(self, src: Tensor, dst: Tensor) -> None:
-        index = _index(dst)
+        index = slot_index(dst)
         for t in (self.kq, self.vq, self.k_scale, self.v_scale):
             t.index_put_(index, _gather(t, src))
 
@@ -139,13 +139,6 @@ class Int8(Storage):
     def slot_bytes(self) -> int:
         tensors = (self.kq, self.vq, self.k_scale, self.v_scale)
         return sum(t[:, :, :1].numel() * t.element_size() for t in tensors)
-
-
-def _index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    B, H, _ = slot.shape
-    rows = torch.arange(B, device=slot.device)[:, None, None]
-    heads = torch.arange(H, device=slot.device)[None, :, None]
-    return rows, heads, slot
 
 
 def _gather(x: Tensor, slot: Tensor) -> Tensor:
