@@ -1,8 +1,10 @@
-"""What a compression method is: a budget, a sink, and how a layer's slots are laid out.
+"""What a compression method (a token policy) is: a budget, a sink, how a layer's slots are laid
+out, and which tokens to keep, evict or merge.
 
-A method never touches graphs. It turns the user's options into a per-layer
-:class:`SlotLayout` (the cache's shape and visibility rule) and, for the methods that
-compress, the state and kernels its cache update needs.
+A method never touches graphs and never writes a cache. It turns the user's options into a
+per-layer :class:`SlotLayout` (the cache's shape and visibility rule) and, for the methods
+that compress, the per-slot statistics it keeps and a plan per step (``kvslim_fx.plan``) that
+the cache applies through its storage.
 """
 
 from __future__ import annotations
