@@ -88,8 +88,11 @@ def test_int8_is_dense_with_quantised_writes_under_every_policy(case):
     assert torch.equal(got, want)
     for mine, ref in zip(models[0].layers, models[1].layers, strict=True):
         assert torch.equal(mine.pos, ref.pos)
-        assert torch.equal(mine.storage.keys(), ref.storage.keys())
-        assert torch.equal(mine.storage.values(), ref.storage.values())
+        # Occupied rows only: several pads or dropped tokens may be written to the trash row in
+        # one step, and which of them stays there is up to index_put_ (nothing reads it).
+        held = mine.pos >= 0
+        assert torch.equal(mine.storage.keys()[held], ref.storage.keys()[held])
+        assert torch.equal(mine.storage.values()[held], ref.storage.values()[held])
 
 
 @settings(max_examples=30, deadline=None)
