@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .registry import HAS_TRITON, kernel_op
 from .run_merge import rope_rotate
+from .slots import gather_slots, put_slots
 
 if HAS_TRITON:
     from .pair_merge_triton import merge_rows_triton, select_pair_triton
@@ -110,31 +111,14 @@ def merge_rows_reference(
         inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
     """
     if key_src is not None:
-        k_src = rope_rotate(_gather(k, src).float(), gap, inv_freq, rotary_dim)
-        merged = key_src[..., None] * k_src + key_dst[..., None] * _gather(k, dst).float()
-        _put(k, dst, merged, do)
+        k_src = rope_rotate(gather_slots(k, src).float(), gap, inv_freq, rotary_dim)
+        merged = key_src[..., None] * k_src + key_dst[..., None] * gather_slots(k, dst).float()
+        put_slots(k, dst, merged, do)
     merged = (
-        value_src[..., None] * _gather(v, src).float()
-        + value_dst[..., None] * _gather(v, dst).float()
+        value_src[..., None] * gather_slots(v, src).float()
+        + value_dst[..., None] * gather_slots(v, dst).float()
     )
-    _put(v, dst, merged, do)
-
-
-def _gather(x: Tensor, slots: Tensor) -> Tensor:
-    """``x[b, h, slots[b, h]]`` for ``slots [B, H, K]``: ``[B, H, K]`` or ``[B, H, K, D]``."""
-    idx = slots if x.dim() == 3 else slots[..., None].expand(*slots.shape, x.shape[-1])
-    return x.gather(2, idx)
-
-
-def _put(x: Tensor, slots: Tensor, value: Tensor, where: Tensor) -> None:
-    """``x[b, h, slots[b, h, p]] = value[b, h, p]`` where ``where``, in place (``slots``,
-    ``where``: ``[B, H, P]``; ``value`` as :func:`_gather` gives)."""
-    B, H, P = slots.shape
-    rows = torch.arange(B, device=slots.device)[:, None, None].expand(B, H, P)
-    heads = torch.arange(H, device=slots.device)[None, :, None].expand(B, H, P)
-    keep = where if x.dim() == 3 else where[..., None]
-    # index_put_ stays in place on the cache under Inductor; a scatter_ copies the whole buffer.
-    x.index_put_((rows, heads, slots), torch.where(keep, value.to(x.dtype), _gather(x, slots)))
+    put_slots(v, dst, merged, do)
 
 
 @kernel_op("kvslim::select_pair")

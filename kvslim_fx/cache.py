@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .kernels.slots import gather_slots, put_slots, slot_index
 from .methods import Method, SlotLayout
 from .methods.scoring import fold_right
 from .plan import Plan
 from .storage import Storage
-from .storage.base import slot_index
 
 _BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
 
@@ -196,18 +196,18 @@ class LayerCache(nn.Module):
     def _merge(self, merge) -> None:
         """Pairs of rows: the storage combines them, the bookkeeping follows (``dst`` keeps its
         position, ``src`` is emptied; cardinalities add when the values are means)."""
-        pos = self.pos
-        gap = _at(pos, merge.dst) - _at(pos, merge.src)
-        self.storage.merge(merge.src, merge.dst, merge.do, merge.key, merge.value, gap)
+        src, dst, do = merge.src, merge.dst, merge.do
+        gap = gather_slots(self.pos, dst) - gather_slots(self.pos, src)
+        self.storage.merge(src, dst, do, merge.key, merge.value, gap)
         if merge.counts:
-            card = _at(self.logc, merge.src).exp() + _at(self.logc, merge.dst).exp()
-            _put(self.logc, merge.dst, card.log(), merge.do)
+            card = gather_slots(self.logc, src).exp() + gather_slots(self.logc, dst).exp()
+            put_slots(self.logc, dst, card.log(), do)
         for name, value in merge.state.items():
-            _put(getattr(self, name), merge.dst, value, merge.do)
+            put_slots(getattr(self, name), dst, value, do)
         for name, (_, fill) in self.slot_state.items():
-            _put(getattr(self, name), merge.src, torch.full_like(_at(pos, merge.src), fill,
-                                                                 dtype=getattr(self, name).dtype),
-                 merge.do)  # fmt: skip
+            state = getattr(self, name)
+            empty = torch.full(src.shape, fill, dtype=state.dtype, device=src.device)
+            put_slots(state, src, empty, do)
 
     def _fold(self, fold, v: Tensor) -> Tensor:
         """Fold runs of dropped entries' values rightwards in position order; rewrites the slots'
@@ -309,13 +309,3 @@ class LayerCache(nn.Module):
             kept = torch.where(keep, old[:, :, :C].gather(2, source), fill)
             setattr(self, name, torch.cat([kept, torch.full_like(kept[:, :, :1], fill)], dim=2))
         self.layout = layout
-
-
-def _at(x: Tensor, slot: Tensor) -> Tensor:
-    """``x[b, h, slot[b, h, p]]``: ``[B, H, P]``."""
-    return x.gather(2, slot)
-
-
-def _put(x: Tensor, slot: Tensor, value: Tensor, where: Tensor) -> None:
-    """``x[b, h, slot[b, h, p]] = value[b, h, p]`` where ``where``, in place."""
-    x.index_put_(slot_index(slot), torch.where(where, value.to(x.dtype), _at(x, slot)))

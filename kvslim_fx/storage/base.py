@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.attention import window_mass  # (importing it registers kvslim::attend)
+from ..kernels.slots import gather_slots
 from ..passes.rope import RopeFacts
 from ..passes.sdpa import AttentionSite
 from ..registry import register
@@ -48,8 +49,7 @@ class Storage(nn.Module):
 
     def rows(self, slot: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, H_kv, M, D]`` of rows ``slot [B, H_kv, M]``."""
-        idx = slot[..., None].expand(*slot.shape, self.site.head_dim)
-        return self.keys().gather(2, idx), self.values().gather(2, idx)
+        return gather_slots(self.keys(), slot), gather_slots(self.values(), slot)
 
     def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None) -> None:
         """Store ``k, v [B, H_kv, M, D]`` in rows ``slot [B, H_kv, M]`` (None: leave as is).
@@ -124,11 +124,3 @@ def register_storage(cls: type[Storage]) -> type[Storage]:
     """Class decorator: make ``storage="<cls.name>"`` available to ``transform`` (a later
     registration of the same name replaces the earlier)."""
     return register(STORAGES, cls, Storage, "register_storage")
-
-
-def slot_index(slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``index_put_`` / advanced-indexing indices of rows ``slot [B, H, M]``."""
-    B, H, _ = slot.shape
-    rows = torch.arange(B, device=slot.device)[:, None, None]
-    heads = torch.arange(H, device=slot.device)[None, :, None]
-    return rows, heads, slot

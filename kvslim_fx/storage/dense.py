@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..kernels.pair_merge import merge_rows  # noqa: F401  (registers kvslim::merge_rows)
-from .base import Storage, register_storage, slot_index
+from ..kernels.slots import slot_index
+from .base import Storage, register_storage
 
 
 @register_storage

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..errors import KVSlimError
 from ..kernels.run_merge import rope_rotate
-from .base import Storage, register_storage, slot_index
+from ..kernels.slots import gather_slots, slot_index
+from .base import Storage, register_storage
 
 # Channels per scale (docs/design.md has the measurement that chose it).
 DEFAULT_GROUP = 32
@@ -100,7 +101,7 @@ class Int8(Storage):
         return dequantize(self.vq, self.v_scale, self.dtype)
 
     def rows(self, slot: Tensor) -> tuple[Tensor, Tensor]:
-        return tuple(dequantize(_gather(c, slot), _gather(s, slot), self.dtype)
+        return tuple(dequantize(gather_slots(c, slot), gather_slots(s, slot), self.dtype)
                      for c, s in ((self.kq, self.k_scale), (self.vq, self.v_scale)))  # fmt: skip
 
     def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None, where=None) -> None:
@@ -109,8 +110,8 @@ class Int8(Storage):
                 continue
             new_codes, new_scale = quantize(x, self.group)
             if where is not None:  # rows outside `where` keep their bytes exactly
-                new_codes = torch.where(where[..., None], new_codes, _gather(codes, slot))
-                new_scale = torch.where(where[..., None], new_scale, _gather(scale, slot))
+                new_codes = torch.where(where[..., None], new_codes, gather_slots(codes, slot))
+                new_scale = torch.where(where[..., None], new_scale, gather_slots(scale, slot))
             index = slot_index(slot)
             codes.index_put_(index, new_codes)
             scale.index_put_(index, new_scale)
@@ -118,7 +119,7 @@ class Int8(Storage):
     def move(self, src: Tensor, dst: Tensor) -> None:
         index = slot_index(dst)
         for t in (self.kq, self.vq, self.k_scale, self.v_scale):
-            t.index_put_(index, _gather(t, src))
+            t.index_put_(index, gather_slots(t, src))
 
     def merge(self, src, dst, do, key, value, gap) -> None:
         (k_src, v_src), (k_dst, v_dst) = self.rows(src), self.rows(dst)
@@ -133,14 +134,9 @@ class Int8(Storage):
 
     def take(self, source: Tensor, keep: Tensor) -> None:
         for name in ("kq", "vq", "k_scale", "v_scale"):
-            kept = torch.where(keep[..., None], _gather(getattr(self, name), source), 0)
+            kept = torch.where(keep[..., None], gather_slots(getattr(self, name), source), 0)
             setattr(self, name, torch.cat([kept, torch.zeros_like(kept[:, :, :1])], dim=2))
 
     def slot_bytes(self) -> int:
         tensors = (self.kq, self.vq, self.k_scale, self.v_scale)
         return sum(t[:, :, :1].numel() * t.element_size() for t in tensors)
-
-
-def _gather(x: Tensor, slot: Tensor) -> Tensor:
-    """Rows ``slot [B, H, M]`` of ``x [B, H, R, E]``: ``[B, H, M, E]``."""
-    return x.gather(2, slot[..., None].expand(*slot.shape, x.shape[-1]))
