@@ -103,8 +103,12 @@ def transform(
         raise KVSlimError(f"{arch}: the traced model returns {out_keys}, not logits")
     num_layers = getattr(config, "num_hidden_layers", 0)
     try:
-        ropes = rope_facts(model, num_layers) if algo.needs_rope else [None] * num_layers
-        replace_sdpa(gm, config, lambda site: LayerCache(algo, store(site, ropes[site.layer])))
+        wants_rope = algo.needs_rope or store.pre_rope
+        ropes = rope_facts(model, num_layers) if wants_rope else [None] * num_layers
+        # Without rotary embeddings (learned positions) the keys are already un-rotated.
+        pre_rope = store.pre_rope and any(r is not None for r in ropes)
+        replace_sdpa(gm, config, lambda site: LayerCache(algo, store(site, ropes[site.layer])),
+                     pre_rope)  # fmt: skip
     except (GraphRewriteError, UnsupportedRope) as err:
         raise KVSlimError(str(err)) from None
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -6,7 +6,8 @@ for grouped-query attention (``unsqueeze → expand → reshape``) and the model
 fourth argument. This pass replaces each SDPA node by a ``call_module`` of a module built by the
 caller, fed with the query, the *un-repeated* keys/values ``[B, H_kv, L, D]`` and a new graph
 input ``kv_positions [B, L]``. Causality, padding and sliding windows become the module's job,
-so the model's mask computation is dead code and is removed.
+so the model's mask computation is dead code and is removed. With ``pre_rope`` the keys are taken
+from before the rotary embedding (the module then rotates them at their positions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+
+from .rope import unrotated
 
 __all__ = ["AttentionSite", "GraphRewriteError", "layer_windows", "replace_sdpa"]
 
@@ -88,12 +91,14 @@ def replace_sdpa(
     gm: fx.GraphModule,
     config,
     make_module: Callable[[AttentionSite], nn.Module],
+    pre_rope: bool = False,
 ) -> list[AttentionSite]:
     """Replace every SDPA node of ``gm`` in place; returns one :class:`AttentionSite` per layer.
 
     ``gm`` must be ``ExportedProgram.module()`` of an HF causal LM. Afterwards it is called with
     its tensor inputs positionally (unused ones removed), followed by ``kv_positions [B, L]``
-    (int64, ``-1`` = pad), and returns a flat tuple of its outputs.
+    (int64, ``-1`` = pad), and returns a flat tuple of its outputs. ``pre_rope``: the modules
+    get the keys before HF's ``apply_rotary_pos_emb`` (an error where it cannot be found).
     """
     arch = getattr(config, "model_type", type(config).__name__)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
@@ -143,6 +148,15 @@ def replace_sdpa(
             window=windows[layer],
         )
         k_src = _unrepeat(k, hkv, where)
+        if pre_rope:
+            before = unrotated(k_src)
+            if before is None:
+                raise GraphRewriteError(
+                    f"{where}: keys before the rotary embedding were asked for, but the rotation "
+                    f"of {k_src.name} = {k_src.format_node()} is not HF's apply_rotary_pos_emb "
+                    "(x·cos + rotate_half(x)·sin); choose a storage that keeps rotated keys"
+                )
+            k_src = before
         v_src = _unrepeat(v, hkv, where)
         name = f"kvslim_attention_{layer}"
         gm.add_submodule(name, make_module(site))

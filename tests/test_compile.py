@@ -16,7 +16,8 @@ import kvslim_fx
 CASES = [
     ("full", None, {}),
     ("streaming", 40, {}),
-    ("kvslimmer", 48, {"sink": 4, "recent": 4}),
+    # Keys kept before RoPE (test_pre_rope.py): merged unrotated, rotated when read.
+    ("kvslimmer", 48, {"sink": 4, "recent": 4, "storage": "dense:pre_rope=true"}),
     ("weightedkv", 40, {}),
     # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
     # machinery too (test_registration.py shows it equals H2O without the decay).

@@ -17,15 +17,15 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py); WeightedKV
-    # (its folds, a staged decode token) over the int8 storage.
+    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py), over keys
+    # kept before RoPE; WeightedKV (its folds, a staged decode token) over the int8 storage.
     params=[
         ("full", None, 1, "dense"),
         ("kvslimmer", 48, 2, "dense"),
         ("weightedkv", 40, 1, "int8"),
-        ("decayed", 40, 2, "dense"),
+        ("decayed", 40, 2, "dense:pre_rope=true"),
     ],
-    ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3]}",
+    ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3].replace(':', '-')}",
 )
 def package(request, tmp_path_factory):
     method, budget, batch, storage = request.param
@@ -44,6 +44,7 @@ def test_package_generates_the_eager_tokens(package):
     runner = kvslim_fx.load(path)
     assert runner.meta["method"] == model.method.name
     assert runner.meta["storage"] == model.layers[0].storage.name
+    assert runner.meta["storage_options"] == model.layers[0].storage.options()
     assert runner.meta["vocab_size"] == 128  # the runner refuses ids outside its embedding
     model.reset(batch_size=batch, max_length=160)
     assert runner.meta["cache_bytes"] == model.cache_bytes()

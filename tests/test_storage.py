@@ -34,9 +34,9 @@ if "fake-int8" not in STORAGES:
 
         name = "fake-int8"
 
-        def __init__(self, site, rope=None, group: int | None = None) -> None:
-            super().__init__(site, rope)
-            self.group = Int8(site, rope, group).group
+        def __init__(self, site, rope=None, pre_rope=None, group: int | None = None) -> None:
+            super().__init__(site, rope, pre_rope)
+            self.group = Int8(site, rope, group=group).group
 
         def write(self, slot, k, v):
             super().write(slot, *(None if x is None else fake_quant(x, self.group)
@@ -75,12 +75,13 @@ def test_dequantise_of_quantise_is_within_half_a_step(shape, groups, group, outl
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=cases(POLICIES, "accepted", max_length=120, max_steps=8))
-def test_int8_is_dense_with_quantised_writes_under_every_policy(case):
+@given(case=cases(POLICIES, "accepted", max_length=120, max_steps=8), pre_rope=st.booleans())
+def test_int8_is_dense_with_quantised_writes_under_every_policy(case, pre_rope):
+    """Keys after RoPE or before it (then quantised un-rotated)."""
     hf = hf_model(case["arch"])
     models = [
         transform_reusing_trace(hf, case["name"], case["budget"], chunk_size=case["chunk"],
-                                storage=storage, **case["options"])
+                                storage=f"{storage}:pre_rope={pre_rope}", **case["options"])
         for storage in ("int8", "fake-int8")
     ]  # fmt: skip
     ids, mask = tokens(case)

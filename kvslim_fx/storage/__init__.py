@@ -6,7 +6,8 @@ A storage owns how a layer's K/V rows live and are read by attention; a token po
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import KVSlimError
 from ..methods import parse_option
@@ -16,8 +17,8 @@ from .base import STORAGES, Storage, register_storage
 from .dense import Dense
 from .int8 import Int8
 
-__all__ = ["STORAGES", "Dense", "Int8", "Storage", "make_storage", "register_storage",
-           "storage_class"]  # fmt: skip
+__all__ = ["STORAGES", "Dense", "Int8", "Storage", "StorageSpec", "make_storage",
+           "register_storage", "storage_class"]  # fmt: skip
 
 
 def storage_class(name: str) -> type[Storage]:
@@ -28,21 +29,32 @@ def storage_class(name: str) -> type[Storage]:
     return STORAGES[name]
 
 
-def make_storage(spec: str) -> Callable[[AttentionSite, RopeFacts | None], Storage]:
-    """``"int8:group=16"`` → a function that builds that storage for one layer.
+@dataclass(frozen=True)
+class StorageSpec:
+    """A registered storage and its options; called with a layer's site and rotary facts, it
+    builds that layer's storage."""
+
+    cls: type[Storage]
+    options: dict[str, Any]
+
+    @property
+    def pre_rope(self) -> bool:
+        """Whether the layers get their keys before the rotary embedding."""
+        return self.options.get("pre_rope", self.cls.pre_rope_default) is True
+
+    def __call__(self, site: AttentionSite, rope: RopeFacts | None) -> Storage:
+        try:
+            return self.cls(site, rope, **self.options)
+        except TypeError as err:
+            raise KVSlimError(f"bad options for storage {self.cls.name!r}: {err}") from None
+
+
+def make_storage(spec: str) -> StorageSpec:
+    """``"int8:group=16"`` → what builds that storage for each layer.
 
     The name is checked now; the options when a layer is built (they may depend on its shape).
     """
     if not isinstance(spec, str):
         raise KVSlimError(f"storage must be a name such as 'dense' or 'int8', got {spec!r}")
     name, *texts = spec.split(":")
-    cls = storage_class(name)
-    options = dict(parse_option(t) for t in texts)
-
-    def build(site: AttentionSite, rope: RopeFacts | None) -> Storage:
-        try:
-            return cls(site, rope, **options)
-        except TypeError as err:
-            raise KVSlimError(f"bad options for storage {name!r}: {err}") from None
-
-    return build
+    return StorageSpec(storage_class(name), dict(parse_option(t) for t in texts))

@@ -5,6 +5,13 @@ positions (that is the cache's bookkeeping). It holds ``R = capacity + 1`` rows 
 and KV head, the last being the trash row (padding and dropped tokens are written there, which
 keeps every write a static-shape ``index_put_``; a one-token step may stage its token there).
 Its tensors are buffers, so ``state()``, ``torch.compile`` and AOTInductor carry them.
+
+Keys are stored as the model computes them for attention (after RoPE), or with ``pre_rope``
+before the rotary embedding: the SDPA pass then hands the cache un-rotated keys, a merge needs
+no rotation (the merged slot is rotated to its position when read), and every read
+(:meth:`Storage.attend`, :meth:`Storage.window_mass`) rotates the keys to their positions.
+Storages that factor keys across positions (low rank, shared across layers) need it; ``dense``
+and ``int8`` take it as an option (``"dense:pre_rope=true"``), the same results either way.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.attention import window_mass  # (importing it registers kvslim::attend)
+from ..kernels.run_merge import rope_rotate
 from ..kernels.slots import gather_slots
 from ..passes.rope import RopeFacts
 from ..passes.sdpa import AttentionSite
@@ -28,11 +36,38 @@ class Storage(nn.Module):
     """
 
     name: ClassVar[str]
+    # Whether keys are kept before RoPE unless the ``pre_rope`` option says otherwise.
+    pre_rope_default: ClassVar[bool] = False
 
-    def __init__(self, site: AttentionSite, rope: RopeFacts | None = None) -> None:
+    def __init__(
+        self, site: AttentionSite, rope: RopeFacts | None = None, pre_rope: bool | None = None
+    ) -> None:
         super().__init__()
+        pre_rope = self.pre_rope_default if pre_rope is None else pre_rope
+        if not isinstance(pre_rope, bool):
+            raise TypeError(f"pre_rope must be true or false, got {pre_rope!r}")
         self.site = site
         self.rope = rope
+        self.pre_rope = pre_rope
+
+    @property
+    def merge_rope(self) -> RopeFacts | None:
+        """The rotation a merge applies to the source key by the position gap: none for keys
+        stored before RoPE (or a model without it)."""
+        return None if self.pre_rope else self.rope
+
+    def rotated(self, keys: Tensor, pos: Tensor) -> Tensor:
+        """``keys [B, H_kv, N, D]`` as attention reads them: rotated to ``pos [B, H_kv, N]``
+        (HF's cos/sin, ``attention_scaling`` included) when stored before RoPE, else as they are.
+        A negative position (padding, an empty slot) is rotated as position 0, as HF does."""
+        rope = self.rope
+        if not self.pre_rope or rope is None:
+            return keys
+        out = rope_rotate(keys, pos.clamp_min(0), rope.inv_freq, rope.rotary_dim)
+        if rope.attention_scaling == 1.0:
+            return out
+        r = rope.rotary_dim
+        return torch.cat([out[..., :r] * rope.attention_scaling, out[..., r:]], dim=-1)
 
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make room for ``rows`` rows (zeros), re-allocating only if the shape, dtype or
@@ -96,11 +131,13 @@ class Storage(nn.Module):
         recent: int,
         return_mass: bool,
     ) -> tuple[Tensor, Tensor]:
-        """``kvslim::attend`` over the rows and the step's new tokens (its shapes)."""
+        """``kvslim::attend`` over the rows and the step's new tokens (its shapes; ``k`` as
+        stored: before RoPE where the storage keeps keys so)."""
         s = self.site
+        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
         return torch.ops.kvslim.attend(
-            q, k, v, self.keys(), self.values(), logc, pos, kv_pos, s.scale, s.window, sink,
-            recent, return_mass,
+            q, k, v, self.rotated(self.keys(), pos), self.values(), logc, pos, kv_pos, s.scale,
+            s.window, sink, recent, return_mass,
         )  # fmt: skip
 
     def window_mass(
@@ -109,12 +146,12 @@ class Storage(nn.Module):
         """The attention of cached queries ``q [B, H_q, W, D]`` over the first ``capacity`` rows
         (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
         s = self.site
-        keys = self.keys()[:, :, :capacity]
+        keys = self.rotated(self.keys()[:, :, :capacity], pos)
         return window_mass(q, q_pos, keys, logc, pos, s.scale, s.window)
 
     def options(self) -> dict:
         """The options that rebuild this storage (recorded in exported packages)."""
-        return {}
+        return {} if self.pre_rope == self.pre_rope_default else {"pre_rope": self.pre_rope}
 
 
 STORAGES: dict[str, type[Storage]] = {}

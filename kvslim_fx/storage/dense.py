@@ -16,8 +16,8 @@ class Dense(Storage):
 
     name = "dense"
 
-    def __init__(self, site, rope=None) -> None:
-        super().__init__(site, rope)
+    def __init__(self, site, rope=None, pre_rope: bool | None = None) -> None:
+        super().__init__(site, rope, pre_rope)
         self.register_buffer("k", torch.empty(0), persistent=False)
         self.register_buffer("v", torch.empty(0), persistent=False)
 
@@ -44,7 +44,7 @@ class Dense(Storage):
             self.v.index_put_(slot_index(slot), v.to(self.v.dtype))
 
     def merge(self, src, dst, do, key, value, gap) -> None:
-        rope = self.rope
+        rope = self.merge_rope
         torch.ops.kvslim.merge_rows(
             self.k, self.v, src, dst, do, *(key or (None, None)), *value, gap,
             None if rope is None else rope.inv_freq.to(self.k.device),

@@ -63,8 +63,10 @@ class Int8(Storage):
 
     name = "int8"
 
-    def __init__(self, site, rope=None, group: int | None = None) -> None:
-        super().__init__(site, rope)
+    def __init__(
+        self, site, rope=None, pre_rope: bool | None = None, group: int | None = None
+    ) -> None:
+        super().__init__(site, rope, pre_rope)
         D = site.head_dim
         if group is None:  # the measured default where it divides the head, else one per row
             group = DEFAULT_GROUP if D % DEFAULT_GROUP == 0 else D
@@ -79,7 +81,7 @@ class Int8(Storage):
         self.dtype = torch.float32  # the model's, set by allocate: what attention reads
 
     def options(self) -> dict:
-        return {"group": self.group}
+        return {**super().options(), "group": self.group}
 
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, self.site.num_kv_heads, rows, self.site.head_dim)
@@ -126,7 +128,7 @@ class Int8(Storage):
         v = value[0][..., None] * v_src.float() + value[1][..., None] * v_dst.float()
         k = None
         if key is not None:
-            rope = self.rope
+            rope = self.merge_rope
             k_src = rope_rotate(k_src.float(), gap, None if rope is None else rope.inv_freq,
                                 None if rope is None else rope.rotary_dim)  # fmt: skip
             k = key[0][..., None] * k_src + key[1][..., None] * k_dst.float()
