@@ -491,15 +491,20 @@ class KVSlimDecoder:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def slot_layers(self) -> list[tuple[int, int | None]]:
+        """Each layer's storage bytes per slot (K, V and whatever a storage keeps per row, such
+        as int8's scales) and its capacity (the trash slot left out)."""
         if isinstance(self.model, _runner_type()):
-            state = self.model.state
-            keys = [t for name, (t, _) in state.items() if name.rsplit(".", 1)[-1] == "k"]
+            named = {name: t for name, (t, _) in self.model.state.items()}
         else:
-            keys = [layer.storage.k for layer in self.core.layers]
-        # k is [B, H_kv, capacity + 1 (the trash slot), D]; V is the same size.
+            named = {name: b for name, (b, _) in self.core.state().items()}
+        layers: dict[str, list] = {}
+        for name, tensor in named.items():
+            layer, sep, _ = name.partition(".storage.")
+            if sep:  # rows [B, H_kv, capacity + 1, ...]
+                layers.setdefault(layer, []).append(tensor)
         return [
-            (2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size(), k.shape[2] - 1)
-            for k in keys
+            (sum(t[:, :, :1].numel() * t.element_size() for t in ts), ts[0].shape[2] - 1)
+            for ts in layers.values()
         ]
 
     def close(self) -> None:

@@ -23,7 +23,9 @@ POLICIES = ("full", "streaming", "kvslimmer", "weightedkv", "h2o", "tova", "snap
 
 
 def fake_quant(x: torch.Tensor, group: int) -> torch.Tensor:
-    return dequantize(*quantize(x, group), x.dtype)
+    """int8's round trip of rows in the model's dtype (16-bit scales for a 16-bit model)."""
+    return dequantize(*quantize(x, group, x.dtype if x.dtype.itemsize == 2 else torch.float32),
+                      x.dtype)  # fmt: skip
 
 
 if "fake-int8" not in STORAGES:
@@ -58,17 +60,22 @@ if "fake-int8" not in STORAGES:
     groups=st.integers(1, 4),
     group=st.sampled_from([2, 4, 16, 32]),
     outliers=st.booleans(),
+    scale_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_dequantise_of_quantise_is_within_half_a_step(shape, groups, group, outliers, seed):
+def test_dequantise_of_quantise_is_within_half_a_step(
+    shape, groups, group, outliers, scale_dtype, seed
+):
+    """Half a step of the stored scale, which a 16-bit model keeps in its own dtype."""
     g = torch.Generator().manual_seed(seed)
     magnitude = 10 ** torch.empty(1).uniform_(-4, 3, generator=g)
     x = torch.randn(*shape, groups * group, generator=g) * magnitude
     if outliers:  # a few channels 100× the rest, as keys have
         x[..., :: max(1, group // 2)] *= 100
-    codes, scale = quantize(x, group)
+    codes, scale = quantize(x, group, scale_dtype)
     assert codes.dtype == torch.int8 and scale.shape == (*shape, groups)
-    step = scale.repeat_interleave(group, dim=-1)
+    assert scale.dtype == scale_dtype
+    step = scale.float().repeat_interleave(group, dim=-1)
     error = (dequantize(codes, scale, torch.float32) - x).abs()
     # Half a step, up to float32's own rounding of the product code · scale.
     assert bool((error <= step / 2 + 4 * torch.finfo(torch.float32).eps * x.abs()).all())
@@ -147,3 +154,21 @@ def test_int8_bytes_are_at_most_055_of_dense():
             rows = {"dense": 2 * 4 * D, "int8": 2 * D + 2 * 4}[storage]
             assert layer.storage.slot_bytes() == B * H * rows
         assert sizes["int8"] <= 0.55 * sizes["dense"], (name, sizes)
+
+
+def test_a_16_bit_model_keeps_16_bit_scales():
+    """``2·D`` bytes of codes and ``2·2·D/g`` of scales against ``2·2·D``: at ``D = 128`` and
+    ``g = 32`` (most 16-bit models) 0.53× before the slot bookkeeping; tiny llama's ``D = 16``
+    has one scale per row."""
+    site = AttentionSite(layer=0, num_q_heads=4, num_kv_heads=2, head_dim=16, scale=0.25,
+                         window=0)  # fmt: skip
+    for dtype, scale_bytes in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+        int8 = Int8(site)
+        int8.allocate(3, 9, dtype, torch.device("cpu"))
+        assert int8.k_scale.dtype == (dtype if scale_bytes == 2 else torch.float32)
+        assert int8.slot_bytes() == 3 * 2 * (2 * 16 + 2 * scale_bytes)
+        rows = torch.randn(3, 2, 4, 16).to(dtype)
+        slots = torch.arange(4).expand(3, 2, 4)
+        int8.write(slots, rows, rows)
+        step = int8.k_scale[:, :, :4].float()  # one group per row
+        assert bool(((int8.keys()[:, :, :4].float() - rows.float()).abs() <= step).all())

@@ -3,8 +3,10 @@
 Each row (one token's key or value, ``D`` channels) is split into groups of ``group`` channels;
 each group is quantised symmetrically (``torchao.quantization.quant_primitives``:
 ``choose_qparams_affine`` with ``MappingType.SYMMETRIC``, ``quantize_affine``,
-``dequantize_affine``), its scale kept in float32. A row is then ``D`` bytes plus ``4·D/group``
-of scales, where ``dense`` float32 takes ``4·D`` (``dense`` bfloat16: ``2·D``).
+``dequantize_affine``). Scales are kept in the model's dtype when it is 16-bit (rounded up, so
+the group's largest element still maps inside the int8 range; codes are computed with the
+stored scale), else in float32. A row is then ``D`` bytes plus ``2·D/group`` (16-bit) or
+``4·D/group`` of scales, where ``dense`` takes ``2·D`` or ``4·D``.
 
 Why per token (row) and not KIVI's per-channel keys: a slot cache writes, merges and evicts rows
 one at a time in no particular order; a per-channel scale is shared by a group of tokens, so
@@ -39,13 +41,22 @@ def _torchao():
     return quant_primitives
 
 
-def quantize(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """``x [..., D]`` → int8 codes ``[..., D]`` and float32 scales ``[..., D / group]``."""
+def quantize(
+    x: Tensor, group: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """``x [..., D]`` → int8 codes ``[..., D]`` and scales ``[..., D / group]`` in
+    ``scale_dtype`` (float32, or a 16-bit type: the scale rounded up to it)."""
     q = _torchao()
     block = (1,) * (x.dim() - 1) + (group,)
     x = x.float()
     scale, zero = q.choose_qparams_affine(x, q.MappingType.SYMMETRIC, block, torch.int8)
-    codes = q.quantize_affine(x, block, scale, zero, torch.int8)
+    if scale_dtype != torch.float32:
+        stored = scale.to(scale_dtype)
+        # The next 16-bit float up: scales are positive, so one more in the bit pattern (a
+        # bitcast, which Inductor and AOTInductor compile, unlike nextafter).
+        up = (stored.view(torch.int16) + 1).view(scale_dtype)
+        scale = torch.where(stored.float() < scale, up, stored)
+    codes = q.quantize_affine(x, block, scale.float(), zero, torch.int8)
     return codes, scale.reshape(*x.shape[:-1], -1)
 
 
@@ -59,7 +70,8 @@ def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 @register_storage
 class Int8(Storage):
-    """``kq, vq [B, H_kv, R, D]`` int8 and ``k_scale, v_scale [B, H_kv, R, D / group]`` float32."""
+    """``kq, vq [B, H_kv, R, D]`` int8 and ``k_scale, v_scale [B, H_kv, R, D / group]`` in the
+    model's dtype if it is 16-bit, else float32."""
 
     name = "int8"
 
@@ -87,10 +99,12 @@ class Int8(Storage):
         shape = (batch, self.site.num_kv_heads, rows, self.site.head_dim)
         groups = (*shape[:3], shape[3] // self.group)
         self.dtype = dtype
-        if self.kq.shape != shape or self.kq.device != device:
+        scale_dtype = dtype if dtype.itemsize == 2 else torch.float32
+        if (self.kq.shape != shape or self.kq.device != device
+                or self.k_scale.dtype != scale_dtype):  # fmt: skip
             self.kq = torch.zeros(shape, dtype=torch.int8, device=device)
             self.vq = torch.zeros_like(self.kq)
-            self.k_scale = torch.zeros(groups, dtype=torch.float32, device=device)
+            self.k_scale = torch.zeros(groups, dtype=scale_dtype, device=device)
             self.v_scale = torch.zeros_like(self.k_scale)
         else:
             for t in (self.kq, self.vq, self.k_scale, self.v_scale):
@@ -110,7 +124,7 @@ class Int8(Storage):
         for x, codes, scale in ((k, self.kq, self.k_scale), (v, self.vq, self.v_scale)):
             if x is None:
                 continue
-            new_codes, new_scale = quantize(x, self.group)
+            new_codes, new_scale = quantize(x, self.group, scale.dtype)
             if where is not None:  # rows outside `where` keep their bytes exactly
                 new_codes = torch.where(where[..., None], new_codes, gather_slots(codes, slot))
                 new_scale = torch.where(where[..., None], new_scale, gather_slots(scale, slot))
