@@ -74,6 +74,12 @@ def export(
         raise KVSlimError(
             f"export takes a model from kvslim_fx.transform, got {type(core).__name__}"
         )
+    hooked = sorted({layer.storage.name for layer in core.layers if layer.storage.has_prompt_hook})
+    if hooked:
+        raise KVSlimError(
+            f"storage {hooked[0]!r} re-encodes the cache when the prompt ends, which runs eagerly "
+            "and a package cannot run yet; decode it with torch.compile instead of exporting"
+        )
     if core.prefill != "bounded":
         raise KVSlimError(
             f"export packages prefill='bounded' models, this one has prefill={core.prefill!r} "

@@ -135,17 +135,21 @@ class KVSlimModel(nn.Module):
         self.seen.zero_()
 
     def end_prompt(self) -> None:
-        """After a ``prefill="full"`` prompt: compress every layer's cache to the budget, once,
-        scored by the prompt's last queries; from here each layer holds the budget. Runs eagerly
-        (call it on the model, not inside a compiled region); a no-op in ``"bounded"`` mode or
-        when the cache already holds the whole sequence."""
-        if not self.prompt_pending:
-            return
+        """After the prompt (:func:`~kvslim_fx.generate` calls it; a decode loop of one's own
+        calls it after the prompt's last chunk). A ``prefill="full"`` prompt: compress every
+        layer's cache to the budget, once, scored by the prompt's last queries; from here each
+        layer holds the budget (a no-op in ``"bounded"`` mode or when the cache already holds
+        the whole sequence). Then each storage's prompt-end hook
+        (:meth:`~kvslim_fx.storage.Storage.end_prompt`). Runs eagerly: call it on the model, not
+        inside a compiled region."""
         with torch.no_grad():
-            for layer, slots in zip(self.layers, self.layer_slots, strict=True):
-                layer.end_prompt(slots)
-        self.chunk_size = self.decode_chunk
-        self.prompt_pending = False
+            if self.prompt_pending:
+                for layer, slots in zip(self.layers, self.layer_slots, strict=True):
+                    layer.end_prompt(slots)
+                self.chunk_size = self.decode_chunk
+                self.prompt_pending = False
+            for layer in self.layers:
+                layer.storage.end_prompt()
 
     def state(self) -> dict[str, tuple[Tensor, float]]:
         """Mutable decoding state by buffer name, with each buffer's value when empty."""
@@ -161,8 +165,12 @@ class KVSlimModel(nn.Module):
         return [layer.diagnostics() for layer in self.layers]
 
     def cache_bytes(self) -> int:
-        """Bytes of K/V (and per-slot metadata) the cache holds at its capacity."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of K/V (and per-slot metadata) the cache holds at its capacity, and the state
+        groups of layers share, once."""
+        shared = {id(m): m for layer in self.layers if (m := layer.storage.shared) is not None}
+        group_bytes = sum(b.numel() * b.element_size() for m in shared.values()
+                          for b in m.buffers())  # fmt: skip
+        return sum(layer.nbytes() for layer in self.layers) + group_bytes
 
     def full_cache_bytes(self, seq_len: int) -> int:
         """Bytes an uncompressed K/V cache (HF's dynamic cache) needs for ``seq_len`` tokens."""

@@ -6,7 +6,7 @@ A storage owns how a layer's K/V rows live and are read by attention; a token po
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import KVSlimError
@@ -36,6 +36,8 @@ class StorageSpec:
 
     cls: type[Storage]
     options: dict[str, Any]
+    # The modules the layers of one transformed model share (Storage.shared_state).
+    groups: dict = field(default_factory=dict)
 
     @property
     def pre_rope(self) -> bool:
@@ -44,7 +46,7 @@ class StorageSpec:
 
     def __call__(self, site: AttentionSite, rope: RopeFacts | None) -> Storage:
         try:
-            return self.cls(site, rope, **self.options)
+            return self.cls(site, rope, groups=self.groups, **self.options)
         except TypeError as err:
             raise KVSlimError(f"bad options for storage {self.cls.name!r}: {err}") from None
 

@@ -12,10 +12,18 @@ no rotation (the merged slot is rotated to its position when read), and every re
 (:meth:`Storage.attend`, :meth:`Storage.window_mass`) rotates the keys to their positions.
 Storages that factor keys across positions (low rank, shared across layers) need it; ``dense``
 and ``int8`` take it as an option (``"dense:pre_rope=true"``), the same results either way.
+
+Two hooks serve storages that are more than rows. :meth:`Storage.shared_state` gives the layers
+of a group one module (xKV factors a group of layers' keys together): its buffers are state
+that ``state()``, ``cache_bytes()``, ``torch.compile`` and AOTInductor see once.
+:meth:`Storage.end_prompt` runs once after the prompt (eagerly: :func:`kvslim_fx.generate` calls
+it through :meth:`KVSlimModel.end_prompt`), where such a storage re-encodes what the prompt
+left.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import ClassVar
 
 import torch
@@ -40,8 +48,13 @@ class Storage(nn.Module):
     pre_rope_default: ClassVar[bool] = False
 
     def __init__(
-        self, site: AttentionSite, rope: RopeFacts | None = None, pre_rope: bool | None = None
+        self,
+        site: AttentionSite,
+        rope: RopeFacts | None = None,
+        pre_rope: bool | None = None,
+        groups: dict[Hashable, nn.Module] | None = None,
     ) -> None:
+        """``groups``: the modules layers share, by key (one dict per ``transform``)."""
         super().__init__()
         pre_rope = self.pre_rope_default if pre_rope is None else pre_rope
         if not isinstance(pre_rope, bool):
@@ -49,6 +62,26 @@ class Storage(nn.Module):
         self.site = site
         self.rope = rope
         self.pre_rope = pre_rope
+        self._groups = {} if groups is None else groups
+        self.shared: nn.Module | None = None
+
+    def shared_state(self, key: Hashable, make: Callable[[], nn.Module]) -> nn.Module:
+        """The module every layer asking for ``key`` shares (``make()`` builds it for the first),
+        registered as this storage's ``shared`` submodule. A layer joins one group."""
+        if self.shared is not None:
+            raise ValueError(f"layer {self.site.layer} already shares state with a group")
+        if key not in self._groups:
+            self._groups[key] = make()
+        self.shared = self._groups[key]
+        return self.shared
+
+    def end_prompt(self) -> None:
+        """Runs once after the prompt's last chunk, after a question-aware prefill compressed the
+        cache (positions in the cache's ``pos``). Default: nothing to do."""
+
+    @property
+    def has_prompt_hook(self) -> bool:
+        return type(self).end_prompt is not Storage.end_prompt
 
     @property
     def merge_rope(self) -> RopeFacts | None:
@@ -116,7 +149,8 @@ class Storage(nn.Module):
         raise NotImplementedError
 
     def slot_bytes(self) -> int:
-        """Bytes one slot costs across the batch and KV heads (everything stored per row)."""
+        """Bytes one slot costs across the batch and KV heads (everything stored per row; a
+        group's ``shared`` state is counted once by the model)."""
         raise NotImplementedError
 
     def attend(

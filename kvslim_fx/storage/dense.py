@@ -16,8 +16,8 @@ class Dense(Storage):
 
     name = "dense"
 
-    def __init__(self, site, rope=None, pre_rope: bool | None = None) -> None:
-        super().__init__(site, rope, pre_rope)
+    def __init__(self, site, rope=None, **base) -> None:
+        super().__init__(site, rope, **base)
         self.register_buffer("k", torch.empty(0), persistent=False)
         self.register_buffer("v", torch.empty(0), persistent=False)
 

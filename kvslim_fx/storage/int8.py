@@ -75,10 +75,8 @@ class Int8(Storage):
 
     name = "int8"
 
-    def __init__(
-        self, site, rope=None, pre_rope: bool | None = None, group: int | None = None
-    ) -> None:
-        super().__init__(site, rope, pre_rope)
+    def __init__(self, site, rope=None, group: int | None = None, **base) -> None:
+        super().__init__(site, rope, **base)
         D = site.head_dim
         if group is None:  # the measured default where it divides the head, else one per row
             group = DEFAULT_GROUP if D % DEFAULT_GROUP == 0 else D
