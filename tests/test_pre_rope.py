@@ -58,7 +58,7 @@ def test_pre_rope_keys_take_yarns_attention_scaling():
     assert _hf_error(hf, model) < 1e-5
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(case=cases(POLICIES, "accepted", max_length=120, max_steps=8))
 def test_pre_rope_keys_decode_what_post_rope_keys_decode_under_every_policy(case):
     hf = hf_model(case["arch"])

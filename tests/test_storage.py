@@ -36,8 +36,8 @@ if "fake-int8" not in STORAGES:
 
         name = "fake-int8"
 
-        def __init__(self, site, rope=None, pre_rope=None, group: int | None = None) -> None:
-            super().__init__(site, rope, pre_rope)
+        def __init__(self, site, rope=None, group: int | None = None, **base) -> None:
+            super().__init__(site, rope, **base)
             self.group = Int8(site, rope, group=group).group
 
         def write(self, slot, k, v):
