@@ -20,6 +20,10 @@ over the step's queries and the query heads of its KV group (the score-based met
 
 The op is pure: writing the new tokens into the cache is the caller's job, after attention, so
 that a chunk still sees the slots its own tokens are about to replace.
+
+``kvslim::attend_int8`` is the same attention over a cache of int8 codes with a scale per group
+of channels (the ``int8`` storage): the Triton kernel dequantises each row as it loads it; the
+reference dequantises the cache first (:func:`dequantize_rows`) and runs ``kvslim::attend``'s.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from .registry import HAS_TRITON, kernel_op
 if HAS_TRITON:
     from .attention_triton import attend_triton
 
-__all__ = ["attend", "attend_reference", "attend_sdpa", "window_mass"]
+__all__ = ["attend", "attend_int8", "attend_reference", "attend_sdpa", "dequantize_rows",
+           "window_mass"]  # fmt: skip
 
 
 def _visible(q_pos: Tensor, k_pos: Tensor, window: int, sink: int, recent: int) -> Tensor:
@@ -240,8 +245,54 @@ def attend(
     args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
     if q.is_cuda and HAS_TRITON:
         return attend_triton(*args, return_mass=return_mass)
+    return _attend_here(args, return_mass)
+
+
+def _attend_here(args: tuple, return_mass: bool) -> tuple[Tensor, Tensor]:
+    """``kvslim::attend`` without Triton: the fused SDPA path on the CPU, else the reference."""
     # With a symbolic step length (an exported package's prefill) the fused kernel's strides
     # make torch.export emit guards no length range satisfies; such graphs use the reference.
+    q = args[0]
     if q.device.type == "cpu" and not isinstance(q.shape[2], torch.SymInt):
         return attend_sdpa(*args, return_mass=return_mass)
     return attend_reference(*args, return_mass=return_mass)
+
+
+def dequantize_rows(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """int8 ``codes [..., D]`` times their scales ``[..., D / group]`` (one per ``group``
+    channels), in ``dtype``: torchao's ``dequantize_affine`` for symmetric int8, bit for bit."""
+    group = codes.shape[-1] // scale.shape[-1]
+    return (codes.float() * scale.float().repeat_interleave(group, dim=-1)).to(dtype)
+
+
+@kernel_op("kvslim::attend_int8")
+def attend_int8(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_kq: Tensor,
+    cache_k_scale: Tensor,
+    cache_vq: Tensor,
+    cache_v_scale: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``kvslim::attend`` over int8 rows ``cache_kq, cache_vq [B, H_kv, C, D]`` and their scales
+    ``[B, H_kv, C, D / group]``: dequantised as loaded by the Triton kernel on CUDA; elsewhere
+    dequantised first (in ``q``'s dtype), then attended as ``kvslim::attend`` does."""
+    if q.is_cuda and HAS_TRITON:
+        return attend_triton(
+            q, k, v, cache_kq, cache_vq, cache_logc, cache_pos, q_pos, scale, window, sink,
+            recent, return_mass=return_mass, cache_k_scale=cache_k_scale,
+            cache_v_scale=cache_v_scale,
+        )  # fmt: skip
+    cache_k = dequantize_rows(cache_kq, cache_k_scale, q.dtype)
+    cache_v = dequantize_rows(cache_vq, cache_v_scale, q.dtype)
+    args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
+    return _attend_here(args, return_mass)

@@ -28,22 +28,30 @@ __all__ = ["attend_triton"]
 
 
 @triton.jit
-def _load_rows(cache_ptr, new_ptr, sc_n, sc_d, sn_n, sn_d, offs_n, offs_d, C, L, D):
+def _load_rows(
+    cache_ptr, scale_ptr, new_ptr, sc_n, sc_d, ss_n, ss_g, sn_n, sn_d, offs_n, offs_d, C, L, D,
+    GROUP: tl.constexpr,
+):  # fmt: skip
     """Rows ``offs_n`` of ``cat([cache, new])`` of one ``(b, h)`` as fp32 ``[BLOCK_N, BLOCK_D]``.
 
-    Zeros past the end.
+    ``GROUP > 0``: the cache rows are int8 codes, each ``GROUP`` channels times one scale of
+    ``scale_ptr`` (dequantised here, as they are loaded). Zeros past the end.
     """
     n = offs_n[:, None]
     d_ok = offs_d[None, :] < D
     from_cache = tl.load(
-        cache_ptr + n * sc_n + offs_d[None, :] * sc_d, mask=(n < C) & d_ok, other=0.0
-    )
+        cache_ptr + n * sc_n + offs_d[None, :] * sc_d, mask=(n < C) & d_ok, other=0
+    ).to(tl.float32)
+    if GROUP > 0:
+        group = offs_d[None, :] // GROUP
+        scales = tl.load(scale_ptr + n * ss_n + group * ss_g, mask=(n < C) & d_ok, other=0.0)
+        from_cache = from_cache * scales.to(tl.float32)
     from_new = tl.load(
         new_ptr + (n - C) * sn_n + offs_d[None, :] * sn_d,
         mask=(n >= C) & (n < C + L) & d_ok,
         other=0.0,
     )
-    return tl.where(n < C, from_cache.to(tl.float32), from_new.to(tl.float32))
+    return tl.where(n < C, from_cache, from_new.to(tl.float32))
 
 
 @triton.jit
@@ -86,12 +94,14 @@ def _load_queries(q_ptr, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L
 
 @triton.jit
 def _attend_fwd(
-    Q, K, V, CK, CV, CLOGC, CPOS, QPOS, OUT, LSE,
+    Q, K, V, CK, CV, CKS, CVS, CLOGC, CPOS, QPOS, OUT, LSE,
     sq_b, sq_h, sq_l, sq_d,
     sk_b, sk_h, sk_l, sk_d,
     sv_b, sv_h, sv_l, sv_d,
     sck_b, sck_h, sck_n, sck_d,
     scv_b, scv_h, scv_n, scv_d,
+    scks_b, scks_h, scks_n, scks_g,
+    scvs_b, scvs_h, scvs_n, scvs_g,
     scl_b, scl_h, scl_n,
     scp_b, scp_h, scp_n,
     sqp_b, sqp_l,
@@ -99,7 +109,7 @@ def _attend_fwd(
     H_kv, G, L, C, D,
     scale, window, sink, recent,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H_kv
@@ -117,6 +127,8 @@ def _attend_fwd(
     v_base = V + b64 * sv_b + h64 * sv_h
     ck_base = CK + b64 * sck_b + h64 * sck_h
     cv_base = CV + b64 * scv_b + h64 * scv_h
+    cks_base = CKS + b64 * scks_b + h64 * scks_h
+    cvs_base = CVS + b64 * scvs_b + h64 * scvs_h
     clogc_ptr = CLOGC + b64 * scl_b + h64 * scl_h
     cpos_ptr = CPOS + b64 * scp_b + h64 * scp_h
 
@@ -125,7 +137,8 @@ def _attend_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, C + L, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(ck_base, k_base, sck_n, sck_d, sk_l, sk_d, offs_n, offs_d, C, L, D)
+        k = _load_rows(ck_base, cks_base, k_base, sck_n, sck_d, scks_n, scks_g, sk_l, sk_d,
+                       offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
         k_pos, bias = _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L)
         s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -135,7 +148,8 @@ def _attend_fwd(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(cv_base, v_base, scv_n, scv_d, sv_l, sv_d, offs_n, offs_d, C, L, D)
+        v = _load_rows(cv_base, cvs_base, v_base, scv_n, scv_d, scvs_n, scvs_g, sv_l, sv_d,
+                       offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -155,17 +169,18 @@ def _attend_fwd(
 
 @triton.jit
 def _attend_mass(
-    Q, K, CK, CLOGC, CPOS, QPOS, LSE, MASS,
+    Q, K, CK, CKS, CLOGC, CPOS, QPOS, LSE, MASS,
     sq_b, sq_h, sq_l, sq_d,
     sk_b, sk_h, sk_l, sk_d,
     sck_b, sck_h, sck_n, sck_d,
+    scks_b, scks_h, scks_n, scks_g,
     scl_b, scl_h, scl_n,
     scp_b, scp_h, scp_n,
     sqp_b, sqp_l,
     H_kv, G, L, C, D,
     scale, window, sink, recent,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // H_kv
@@ -176,8 +191,9 @@ def _attend_mass(
     offs_d = tl.arange(0, BLOCK_D)
     qpos_ptr = QPOS + b64 * sqp_b
     k = _load_rows(
-        CK + b64 * sck_b + h64 * sck_h, K + b64 * sk_b + h64 * sk_h,
-        sck_n, sck_d, sk_l, sk_d, offs_n, offs_d, C, L, D,
+        CK + b64 * sck_b + h64 * sck_h, CKS + b64 * scks_b + h64 * scks_h,
+        K + b64 * sk_b + h64 * sk_h, sck_n, sck_d, scks_n, scks_g, sk_l, sk_d, offs_n, offs_d,
+        C, L, D, GROUP,
     )  # fmt: skip
     k_pos, bias = _key_meta(
         CPOS + b64 * scp_b + h64 * scp_h, CLOGC + b64 * scl_b + h64 * scl_h, qpos_ptr,
@@ -231,6 +247,8 @@ def attend_triton(
     sink: int = 0,
     recent: int = 0,
     return_mass: bool = False,
+    cache_k_scale: Tensor | None = None,
+    cache_v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton twin of ``attend_reference`` (same arguments, same results).
 
@@ -238,6 +256,9 @@ def attend_triton(
         q: ``[B, H_q, L, D]``; k, v: ``[B, H_kv, L, D]``; cache_k, cache_v: ``[B, H_kv, C, D]``;
         cache_logc: ``[B, H_kv, C]``; cache_pos: ``[B, H_kv, C]`` int; q_pos: ``[B, L]`` int.
         Any strides; fp32, bf16 or fp16.
+        cache_k_scale, cache_v_scale: with int8 ``cache_k, cache_v``, their scales
+        ``[B, H_kv, C, D / group]`` (row ``n``'s channel ``d`` is ``code · scale[n, d // group]``,
+        dequantised as it is loaded); ``None`` for a cache in the model's dtype.
     Returns:
         ``out [B, H_q, L, D]`` in ``q.dtype`` and ``mass [B, H_kv, C + L]`` float32 (``[0]``
         when ``return_mass`` is false).
@@ -247,18 +268,25 @@ def attend_triton(
     G = H_q // H_kv
     # Operands are upcast to fp32 in-kernel. 16-bit values are exact in TF32, so TF32 tensor-core
     # dots lose nothing on q.k for them (p is rounded to TF32 for p.v, finer than a bf16 p);
-    # any fp32 input needs true fp32 dots, as TF32 would miss the reference by ~1e-3.
+    # any fp32 input needs true fp32 dots, as TF32 would miss the reference by ~1e-3. Dequantised
+    # int8 rows (code · scale) are not 16-bit values: TF32 rounds them like a 16-bit model's.
     half = (torch.bfloat16, torch.float16)
-    fp32 = not all(t.dtype in half for t in (q, k, v, cache_k, cache_v))
+    quantised = cache_k_scale is not None
+    fp32 = not all(t.dtype in half for t in (q, k, v) + (() if quantised else (cache_k, cache_v)))
     M, N = G * L, C + L
     meta = _config(M, N, D, fp32)
+    meta["GROUP"] = D // cache_k_scale.shape[-1] if quantised else 0
+    # Unquantised: any tensor stands in for the scales (GROUP = 0 never reads them).
+    ks = cache_k_scale if quantised else cache_k
+    vs = cache_v_scale if quantised else cache_v
     out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
     common = (H_kv, G, L, C, D, float(scale), int(window), int(sink), int(recent))
     if M > 0:
         torch.library.wrap_triton(_attend_fwd)[(triton.cdiv(M, meta["BLOCK_M"]), B * H_kv)](
-            q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, out, lse,
+            q, k, v, cache_k, cache_v, ks, vs, cache_logc, cache_pos, q_pos, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *cache_k.stride(), *cache_v.stride(),
+            *ks.stride(), *vs.stride(),
             *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(), *out.stride(),
             *common, **meta,
         )  # fmt: skip
@@ -268,8 +296,8 @@ def attend_triton(
     if N == 0:
         return out, mass
     torch.library.wrap_triton(_attend_mass)[(triton.cdiv(N, meta["BLOCK_N"]), B * H_kv)](
-        q, k, cache_k, cache_logc, cache_pos, q_pos, lse, mass,
-        *q.stride(), *k.stride(), *cache_k.stride(),
+        q, k, cache_k, ks, cache_logc, cache_pos, q_pos, lse, mass,
+        *q.stride(), *k.stride(), *cache_k.stride(), *ks.stride(),
         *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(),
         *common, **meta,
     )  # fmt: skip

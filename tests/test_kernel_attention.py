@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvslim_fx.kernels import attention_triton
-from kvslim_fx.kernels.attention import attend_reference, attend_sdpa
+from kvslim_fx.kernels.attention import attend_reference, attend_sdpa, dequantize_rows
 from kvslim_fx.kernels.attention_triton import attend_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,6 +118,53 @@ def test_triton_matches_reference(
     out2, no_mass = attend_triton(*args, scale, window, sink, recent, return_mass=False)
     assert no_mass.shape == (0,) and no_mass.dtype == torch.float32
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+@needs_triton
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H_kv=st.integers(1, 3),
+    G=st.integers(1, 3),
+    L=st.integers(1, 6),
+    C=st.integers(0, 20),
+    groups=st.sampled_from([(4, 1), (8, 2), (16, 4), (16, 1)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    recent=st.sampled_from([0, 2]),
+    noncontig=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_triton_dequantises_int8_rows_as_the_reference(
+    B, H_kv, G, L, C, groups, dtype, recent, noncontig, seed
+):
+    """``kvslim::attend_int8``: the kernel, which dequantises each row as it loads it, equals
+    the reference over the rows dequantised first (16-bit models: 16-bit scales)."""
+    D, per_row = groups
+    q, k, v, cache_k, cache_v, logc, pos, q_pos = _make_inputs(
+        B, H_kv, G, L, C, D, seed, dtype=dtype, noncontig=noncontig
+    )
+    gen = torch.Generator().manual_seed(seed)
+    scale_dtype = torch.float32 if dtype == torch.float32 else dtype
+
+    def int8(rows):
+        codes = torch.randint(-128, 128, rows.shape, generator=gen, dtype=torch.int8)
+        scales = torch.rand(*rows.shape[:-1], per_row, generator=gen) / 50
+        return codes.to(DEVICE), scales.to(DEVICE, scale_dtype)
+
+    (kq, ks), (vq, vs) = int8(cache_k), int8(cache_v)
+    args = (q, k, v, kq, ks, vq, vs, logc, pos, q_pos, D**-0.5, 0, 1, recent)
+    dense = (q, k, v, dequantize_rows(kq, ks, dtype), dequantize_rows(vq, vs, dtype), logc, pos,
+             q_pos, D**-0.5, 0, 1, recent)  # fmt: skip
+    want, want_mass = attend_reference(*dense, return_mass=True)
+    out, mass = attend_triton(*dense[:3], kq, vq, *dense[5:], return_mass=True,
+                              cache_k_scale=ks, cache_v_scale=vs)  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(mass, want_mass, atol=tol, rtol=tol)
+    # The op: the kernel on CUDA, the dequantise-then-attend reference elsewhere.
+    op_out, op_mass = torch.ops.kvslim.attend_int8(*args, True)
+    torch.testing.assert_close(op_out.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(op_mass, want_mass, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="PyTorch's fused CPU attention path")
@@ -309,3 +356,13 @@ def _opcheck_args(C: int, return_mass: bool, window: int = 0):
 )
 def test_opcheck(args):
     torch.library.opcheck(torch.ops.kvslim.attend.default, args)
+
+
+def test_opcheck_int8():
+    q, k, v, cache_k, cache_v, logc, pos, q_pos = _make_inputs(2, 2, 2, 3, 5, 8, seed=3)
+    codes = [torch.randint(-128, 128, x.shape, dtype=torch.int8, device=DEVICE)
+             for x in (cache_k, cache_v)]  # fmt: skip
+    scales = [torch.rand(*x.shape[:-1], 2, device=DEVICE) / 50 for x in (cache_k, cache_v)]
+    args = (q, k, v, codes[0], scales[0], codes[1], scales[1], logc, pos, q_pos, 0.35, 3, 1, 2,
+            True)  # fmt: skip
+    torch.library.opcheck(torch.ops.kvslim.attend_int8.default, args)

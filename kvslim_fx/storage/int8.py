@@ -15,8 +15,10 @@ and quantises them in groups as they age, which needs ordered, append-only stora
 along the channels give keys' outlier channels scales of their own instead; the default group
 was chosen by measurement (docs/design.md).
 
-Attention dequantises the rows and runs ``kvslim::attend`` (the reference on every device for
-now); a merge dequantises the pair, combines it in float32 and re-quantises the result.
+Attention reads the codes through ``kvslim::attend_int8``: on CUDA its Triton kernel
+dequantises each row as it loads it; elsewhere the reference dequantises the rows, then attends.
+Keys kept before RoPE are dequantised and rotated first (the kernel does not rotate). A merge
+dequantises the pair, combines it in float32 and re-quantises the result.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KVSlimError
+from ..kernels.attention import attend_int8  # noqa: F401  (registers kvslim::attend_int8)
 from ..kernels.run_merge import rope_rotate
 from ..kernels.slots import gather_slots, slot_index
 from .base import Storage, register_storage
@@ -113,6 +116,15 @@ class Int8(Storage):
 
     def values(self) -> Tensor:
         return dequantize(self.vq, self.v_scale, self.dtype)
+
+    def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
+        if self.pre_rope and self.rope is not None:
+            return super().attend(q, k, v, logc, pos, kv_pos, sink, recent, return_mass)
+        s = self.site
+        return torch.ops.kvslim.attend_int8(
+            q, k, v, self.kq, self.k_scale, self.vq, self.v_scale, logc, pos, kv_pos, s.scale,
+            s.window, sink, recent, return_mass,
+        )  # fmt: skip
 
     def rows(self, slot: Tensor) -> tuple[Tensor, Tensor]:
         return tuple(dequantize(gather_slots(c, slot), gather_slots(s, slot), self.dtype)
