@@ -129,7 +129,8 @@ if [[ $STAGES == *bench* ]]; then
     say "decode benchmark (no new cell after $BENCH_SECONDS s) -> $stem.*"
     set +e
     "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 \
-        --batch 1,8 --rows 'hf-*,full-*,streaming-*,kvslimmer-*' --in-process \
+        --batch 1,8 --storages dense,int8 \
+        --rows 'hf-*,full-*,streaming-*,streaming+int8-*,kvslimmer-*' --in-process \
         --time-limit "$BENCH_SECONDS" --out "$stem" "${MODEL_ARGS[@]}" "$@"
     bench=$?
     set -e
