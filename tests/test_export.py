@@ -7,6 +7,7 @@ import zipfile
 import pytest
 import torch
 import user_policy  # noqa: F401  (registers a user's own policy, "decayed")
+import user_storage  # noqa: F401  (registers a user's own storage, "tally")
 from helpers import kv_model, prompts
 
 import kvslim_fx
@@ -17,15 +18,16 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py), over keys
-    # kept before RoPE; WeightedKV (its folds, a staged decode token) over the int8 storage.
+    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py) over a
+    # user's own storage with state shared by layers (tests/user_storage.py), keys kept before
+    # RoPE; WeightedKV (its folds, a staged decode token) over the int8 storage.
     params=[
         ("full", None, 1, "dense"),
         ("kvslimmer", 48, 2, "dense"),
         ("weightedkv", 40, 1, "int8"),
-        ("decayed", 40, 2, "dense:pre_rope=true"),
+        ("decayed", 40, 2, "tally:pre_rope=true"),
     ],
-    ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3].replace(':', '-')}",
+    ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3].split(':')[0]}",
 )
 def package(request, tmp_path_factory):
     method, budget, batch, storage = request.param
@@ -45,6 +47,8 @@ def test_package_generates_the_eager_tokens(package):
     assert runner.meta["method"] == model.method.name
     assert runner.meta["storage"] == model.layers[0].storage.name
     assert runner.meta["storage_options"] == model.layers[0].storage.options()
+    groups = {id(layer.storage.shared) for layer in model.layers if layer.storage.shared}
+    assert sum(name.endswith(".shared.stored") for name in runner.state) == len(groups)
     assert runner.meta["vocab_size"] == 128  # the runner refuses ids outside its embedding
     model.reset(batch_size=batch, max_length=160)
     assert runner.meta["cache_bytes"] == model.cache_bytes()

@@ -1,13 +1,15 @@
 """Public registration: a policy or a storage of one's own, by name, like the built-in ones.
 
-The policy is ``tests/user_policy.py`` (written as a user would, outside the library); compile
-and export run it in ``test_compile.py`` and ``test_export.py``.
+The policy is ``tests/user_policy.py``, the storages ``tests/user_storage.py`` (written as a user
+would, outside the library); compile and export run them in ``test_compile.py`` and
+``test_export.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import user_storage  # noqa: F401  (registers a user's own storages, tally and tally-hook)
 from helpers import kv_model, prefill_and_decode, prompts
 from user_policy import Decayed
 
@@ -70,77 +72,22 @@ def test_a_registered_storage_is_used_by_name():
         kv_model("llama", "weightedkv", 24, storage="test-dense-copy")
 
 
-class Tally(torch.nn.Module):
-    """A group's state: tokens its layers stored, and that count when the prompt ended."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("stored", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("at_prompt_end", torch.zeros(0, dtype=torch.long), persistent=False)
-
-
-class Grouped(Dense):
-    """Dense rows; each pair of layers shares a :class:`Tally` of the tokens they stored."""
-
-    name = "test-grouped"
-
-    def __init__(self, site, rope=None, **base) -> None:
-        super().__init__(site, rope, **base)
-        self.shared_state(site.layer // 2, Tally)
-
-    def allocate(self, batch, rows, dtype, device) -> None:
-        super().allocate(batch, rows, dtype, device)
-        for name in ("stored", "at_prompt_end"):
-            setattr(self.shared, name, torch.zeros(batch, dtype=torch.long, device=device))
-
-    def write(self, slot, k, v) -> None:
-        super().write(slot, k, v)
-        if k is not None:  # a new token's first write (the trash row takes padding)
-            trash = self.k.shape[2] - 1
-            self.shared.stored += (slot[:, 0] < trash).sum(-1)
-
-
-class MarksThePrompt(Grouped):
-    name = "test-grouped-hook"
-
-    def end_prompt(self) -> None:
-        self.shared.at_prompt_end.copy_(self.shared.stored)
-
-
-def test_layers_of_a_group_share_state_that_compile_and_packages_carry(tmp_path):
-    """gemma3_text's three layers make two groups; ``full`` stores every real token once per
-    layer. The shared tally is one buffer in ``state()`` and in ``cache_bytes()``; the prompt-end
-    hook runs once the prompt is in; compile and a package decode the same tokens."""
-    for cls in (Grouped, MarksThePrompt):
-        kvslim_fx.register_storage(cls)
-    try:
-        ids, mask = prompts(2, 30, [0, 6], seed=5)
-        models = {name: kv_model("gemma3_text", "full", None, chunk_size=16, storage=name)
-                  for name in ("dense", "test-grouped", "test-grouped-hook")}  # fmt: skip
-        want = kvslim_fx.generate(models["dense"], ids, mask, max_new_tokens=6)
-        model = models["test-grouped-hook"]
-        tallies = {id(layer.storage.shared): layer.storage.shared for layer in model.layers}
-        assert len(tallies) == 2
-        for compiled in (False, True):
-            run = torch.compile(model) if compiled else model
-            assert torch.equal(kvslim_fx.generate(run, ids, mask, max_new_tokens=6), want)
-            fed = mask.sum(-1) + 5  # the last new token is never fed
-            assert [t.stored.tolist() for t in tallies.values()] == [(2 * fed).tolist(),
-                                                                    fed.tolist()]  # fmt: skip
-            prompt = mask.sum(-1)
-            assert [t.at_prompt_end.tolist() for t in tallies.values()] == [
-                (2 * prompt).tolist(), prompt.tolist()]  # fmt: skip
-        state = model.state()
-        assert sum(name.endswith("shared.stored") for name in state) == 2
-        dense_bytes = models["dense"].cache_bytes()
-        assert model.cache_bytes() == dense_bytes + 2 * 2 * 2 * 8  # two tallies of two [B] int64
-        with pytest.raises(KVSlimError, match="'test-grouped-hook' re-encodes the cache"):
-            kvslim_fx.export(model, tmp_path / "hook.pt2", batch_size=2, max_length=64)
-        grouped = models["test-grouped"]
-        path = kvslim_fx.export(grouped, tmp_path / "grouped.pt2", batch_size=2, max_length=64)
-        runner = kvslim_fx.load(path)
-        assert torch.equal(runner.generate(ids, mask, max_new_tokens=6), want)
-        assert sum(name.endswith("shared.stored") for name in runner.state) == 2
-    finally:
-        for cls in (Grouped, MarksThePrompt):
-            del kvslim_fx.STORAGES[cls.name]
+def test_layers_of_a_group_share_state_that_compile_carries(tmp_path):
+    """tests/user_storage.py: llama's two layers make one group; ``full`` stores every real
+    token once per layer. The shared tally is one buffer in ``state()`` and in
+    ``cache_bytes()``; the prompt-end hook runs once the prompt is in, eagerly and compiled;
+    export refuses the hook by name (test_export.py packages the hookless ``tally``)."""
+    ids, mask = prompts(2, 30, [0, 6], seed=5)
+    dense = kv_model("llama", "full", None, chunk_size=16)
+    model = kv_model("llama", "full", None, chunk_size=16, storage="tally-hook")
+    want = kvslim_fx.generate(dense, ids, mask, max_new_tokens=6)
+    (tally,) = {id(layer.storage.shared): layer.storage.shared for layer in model.layers}.values()
+    for run in (model, torch.compile(model, fullgraph=True)):
+        assert torch.equal(kvslim_fx.generate(run, ids, mask, max_new_tokens=6), want)
+        fed = mask.sum(-1) + 5  # the last new token is never fed
+        assert torch.equal(tally.stored, 2 * fed)
+        assert torch.equal(tally.at_prompt_end, 2 * mask.sum(-1))
+    assert sum(name.endswith("shared.stored") for name in model.state()) == 1
+    assert model.cache_bytes() == dense.cache_bytes() + 2 * 2 * 8  # one tally: two [B] int64
+    with pytest.raises(KVSlimError, match="'tally-hook' re-encodes the cache"):
+        kvslim_fx.export(model, tmp_path / "hook.pt2", batch_size=2, max_length=64)
