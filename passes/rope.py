@@ -98,13 +98,19 @@ def _slice_of(node) -> tuple[fx.Node, int, int] | None:
     return (x, start or 0, end) if step == 1 and _last_dim(node, dim) else None
 
 
-def _rotate_half_of(node) -> fx.Node | None:
-    """HF's ``rotate_half(x) = cat(-x[..., h:], x[..., :h])`` → ``x``."""
+def _cat_pair(node) -> tuple[fx.Node, fx.Node] | None:
+    """``cat([a, b], last dim)`` → ``(a, b)``."""
     if not _call(node, _aten.cat.default) or len(node.args[0]) != 2:
         return None
-    if not _last_dim(node, node.args[1] if len(node.args) > 1 else 0):
+    return tuple(node.args[0]) if _last_dim(node, (*node.args, 0)[1]) else None
+
+
+def _rotate_half_of(node) -> fx.Node | None:
+    """HF's ``rotate_half(x) = cat(-x[..., h:], x[..., :h])`` → ``x``."""
+    parts = _cat_pair(node)
+    if parts is None:
         return None
-    neg, first = node.args[0]
+    neg, first = parts
     if not _call(neg, _aten.neg.default):
         return None
     upper, lower = _slice_of(neg.args[0]), _slice_of(first)
@@ -135,11 +141,10 @@ def unrotated(key: fx.Node) -> fx.Node | None:
     if x is not None:
         return x
     # Partial rotary: cat(embed(x[..., :r]), x[..., r:]).
-    if not _call(key, _aten.cat.default) or len(key.args[0]) != 2:
+    parts = _cat_pair(key)
+    if parts is None:
         return None
-    if not _last_dim(key, key.args[1] if len(key.args) > 1 else 0):
-        return None
-    rot, rest = key.args[0]
+    rot, rest = parts
     inner, rest = _embedded(rot), _slice_of(rest)
     head = _slice_of(inner) if inner is not None else None
     if head is None or rest is None or head[0] is not rest[0] or head[1] != 0:

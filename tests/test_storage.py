@@ -17,15 +17,14 @@ from kvslim_fx.passes.sdpa import AttentionSite
 from test_properties import cases, hf_model, run, tokens
 
 from kvslim_fx.storage import STORAGES, Dense, Int8, register_storage
-from kvslim_fx.storage.int8 import dequantize, quantize
+from kvslim_fx.storage.int8 import dequantize, quantize, scale_dtype_of
 
 POLICIES = ("full", "streaming", "kvslimmer", "weightedkv", "h2o", "tova", "snapkv")
 
 
 def fake_quant(x: torch.Tensor, group: int) -> torch.Tensor:
     """int8's round trip of rows in the model's dtype (16-bit scales for a 16-bit model)."""
-    return dequantize(*quantize(x, group, x.dtype if x.dtype.itemsize == 2 else torch.float32),
-                      x.dtype)  # fmt: skip
+    return dequantize(*quantize(x, group, scale_dtype_of(x.dtype)), x.dtype)
 
 
 if "fake-int8" not in STORAGES:

@@ -89,12 +89,17 @@ class Storage(nn.Module):
         stored before RoPE (or a model without it)."""
         return None if self.pre_rope else self.rope
 
+    @property
+    def rotates_at_read(self) -> bool:
+        """Keys are stored before a rotary embedding the model has: reads rotate them."""
+        return self.pre_rope and self.rope is not None
+
     def rotated(self, keys: Tensor, pos: Tensor) -> Tensor:
         """``keys [B, H_kv, N, D]`` as attention reads them: rotated to ``pos [B, H_kv, N]``
         (HF's cos/sin, ``attention_scaling`` included) when stored before RoPE, else as they are.
         A negative position (padding, an empty slot) is rotated as position 0, as HF does."""
         rope = self.rope
-        if not self.pre_rope or rope is None:
+        if not self.rotates_at_read:
             return keys
         out = rope_rotate(keys, pos.clamp_min(0), rope.inv_freq, rope.rotary_dim)
         if rope.attention_scaling == 1.0:

@@ -63,6 +63,11 @@ def quantize(
     return codes, scale.reshape(*x.shape[:-1], -1)
 
 
+def scale_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are kept in for a model in ``dtype``: its own if 16-bit, else float32."""
+    return dtype if dtype.itemsize == 2 else torch.float32
+
+
 def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """The inverse of :func:`quantize` (up to half a step per element), in ``dtype``."""
     q = _torchao()
@@ -100,12 +105,12 @@ class Int8(Storage):
         shape = (batch, self.site.num_kv_heads, rows, self.site.head_dim)
         groups = (*shape[:3], shape[3] // self.group)
         self.dtype = dtype
-        scale_dtype = dtype if dtype.itemsize == 2 else torch.float32
+        scales = scale_dtype_of(dtype)
         if (self.kq.shape != shape or self.kq.device != device
-                or self.k_scale.dtype != scale_dtype):  # fmt: skip
+                or self.k_scale.dtype != scales):  # fmt: skip
             self.kq = torch.zeros(shape, dtype=torch.int8, device=device)
             self.vq = torch.zeros_like(self.kq)
-            self.k_scale = torch.zeros(groups, dtype=scale_dtype, device=device)
+            self.k_scale = torch.zeros(groups, dtype=scales, device=device)
             self.v_scale = torch.zeros_like(self.k_scale)
         else:
             for t in (self.kq, self.vq, self.k_scale, self.v_scale):
@@ -118,7 +123,7 @@ class Int8(Storage):
         return dequantize(self.vq, self.v_scale, self.dtype)
 
     def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
-        if self.pre_rope and self.rope is not None:
+        if self.rotates_at_read:  # the fused read does not rotate
             return super().attend(q, k, v, logc, pos, kv_pos, sink, recent, return_mass)
         s = self.site
         return torch.ops.kvslim.attend_int8(
