@@ -9,11 +9,14 @@ rewrite of the whole cache.
   averaged over the KV heads unless ``per_head``; divided by the reference code's recency factor
   ``exp(j/γ)`` when ``gamma > 0``), outside the sinks and the recent window (:func:`pair_costs`).
   Chunked prefill picks its pairs with ``KVSlimmer``'s ``disjoint_cheapest`` over the same costs.
-* ``kvslim::merge_rows(k, v, src, dst, do, key_src, key_dst, value_src, value_dst, gap,
-  inv_freq, rotary_dim)``: the dense storage's merge. Row ``dst`` becomes the weighted sum of
-  the two rows, the source key first rotated forward by the position gap (post-RoPE rows). The
-  weights are the policy's plan (KVSlimmer's closed form, WeightedKV's fold); the op knows no
-  method.
+* ``kvslim::merge_rows(k, v, src, dst, key_src, key_dst, value_src, value_dst, gap, inv_freq,
+  rotary_dim) -> (k_rows, v_rows)``: the dense storage's merge. The new rows of the pairs'
+  destinations, each the weighted sum of the pair's two rows, the source key first rotated
+  forward by the position gap (post-RoPE rows). The weights are the policy's plan (KVSlimmer's
+  closed form, WeightedKV's fold); the op knows no method. It reads the cache and writes
+  nothing: the storage puts the rows back with an ``index_put_``, which Inductor keeps in place,
+  while an op that mutated the cache would be functionalised into a copy of the whole buffer
+  before and after it (four buffer copies per layer and step, measured).
 
 The references below are what CPU runs; CUDA runs the Triton twins in ``pair_merge_triton``.
 """
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from .registry import HAS_TRITON, kernel_op
 from .run_merge import rope_rotate
-from .slots import gather_slots, put_slots
+from .slots import gather_slots
 
 if HAS_TRITON:
     from .pair_merge_triton import merge_rows_triton, select_pair_triton
@@ -84,7 +87,6 @@ def merge_rows_reference(
     v: Tensor,
     src: Tensor,
     dst: Tensor,
-    do: Tensor,
     key_src: Tensor | None,
     key_dst: Tensor | None,
     value_src: Tensor,
@@ -92,33 +94,34 @@ def merge_rows_reference(
     gap: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
-) -> None:
-    """Merge row ``src[b, h, p]`` into row ``dst[b, h, p]`` where ``do``, in place, in float32::
+) -> tuple[Tensor, Tensor]:
+    """The merged rows of pairs ``src[b, h, p] → dst[b, h, p]``, computed in float32::
 
-        k[dst] = key_src · R(gap) k[src] + key_dst · k[dst]      (keys: only if weights given)
-        v[dst] = value_src · v[src] + value_dst · v[dst]
+        k_rows = key_src · R(gap) k[src] + key_dst · k[dst]   (keys: k[dst] without weights)
+        v_rows = value_src · v[src] + value_dst · v[dst]
 
     ``R(gap)`` rotates the earlier key forward by the position gap (post-RoPE rows; identity
-    without ``inv_freq``). Row ``src`` keeps what it holds: the cache marks it empty. The pairs
-    of a row and head must be disjoint (no row is both a source and a destination).
+    without ``inv_freq``).
 
     Args:
-        k, v: ``[B, H, R, D]`` rows (mutated).
-        src, dst: ``[B, H, P]`` int64 rows; ``do [B, H, P]`` bool.
+        k, v: ``[B, H, R, D]`` rows (read only).
+        src, dst: ``[B, H, P]`` int64 rows.
         key_src, key_dst, value_src, value_dst: ``[B, H, P]`` float32 weights (keys: both None
             to leave keys alone).
         gap: ``[B, H, P]`` int64 ``pos[dst] - pos[src]``.
         inv_freq: ``[r/2]`` the layer's RoPE inverse frequencies, or None (no RoPE).
+    Returns:
+        ``k_rows, v_rows [B, H, P, D]`` in the rows' dtypes.
     """
+    k_rows = gather_slots(k, dst)
     if key_src is not None:
         k_src = rope_rotate(gather_slots(k, src).float(), gap, inv_freq, rotary_dim)
-        merged = key_src[..., None] * k_src + key_dst[..., None] * gather_slots(k, dst).float()
-        put_slots(k, dst, merged, do)
-    merged = (
+        k_rows = (key_src[..., None] * k_src + key_dst[..., None] * k_rows.float()).to(k.dtype)
+    v_rows = (
         value_src[..., None] * gather_slots(v, src).float()
         + value_dst[..., None] * gather_slots(v, dst).float()
     )
-    put_slots(v, dst, merged, do)
+    return k_rows, v_rows.to(v.dtype)
 
 
 @kernel_op("kvslim::select_pair")
@@ -131,13 +134,12 @@ def select_pair(
     return select_pair_reference(pos, score, sink, recent, per_head, gamma)
 
 
-@kernel_op("kvslim::merge_rows", mutates_args=("k", "v"))
+@kernel_op("kvslim::merge_rows")
 def merge_rows(
     k: Tensor,
     v: Tensor,
     src: Tensor,
     dst: Tensor,
-    do: Tensor,
     key_src: Tensor | None,
     key_dst: Tensor | None,
     value_src: Tensor,
@@ -145,10 +147,9 @@ def merge_rows(
     gap: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
-) -> None:
+) -> tuple[Tensor, Tensor]:
     """Registered op: the Triton kernel on CUDA, the reference elsewhere."""
-    args = (k, v, src, dst, do, key_src, key_dst, value_src, value_dst, gap, inv_freq, rotary_dim)
+    args = (k, v, src, dst, key_src, key_dst, value_src, value_dst, gap, inv_freq, rotary_dim)
     if k.is_cuda and HAS_TRITON:
-        merge_rows_triton(*args)
-    else:
-        merge_rows_reference(*args)
+        return merge_rows_triton(*args)
+    return merge_rows_reference(*args)

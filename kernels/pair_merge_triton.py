@@ -4,10 +4,9 @@
   into one int64 (``tl.sort``), keeps the slot order in a scratch row, and reads each slot's
   position-order successor from it; the edge costs of all heads are summed for the shared
   selection, then each head takes its argmin (ties: lowest position, as ``torch.argmin``).
-* ``_merge_rows``: one program per ``(batch, KV head, pair)``; where ``do`` it loads the pair's
-  two rows, rotates the source key by the position gap (HF ``rotate_half`` layout), and writes
-  the weighted sums into the destination row (a row's pairs are disjoint, so no two programs
-  write one row).
+* ``_merge_rows``: one program per ``(batch, KV head, pair)``; it loads the pair's two rows,
+  rotates the source key by the position gap (HF ``rotate_half`` layout), and writes the
+  weighted sums to the pair's output row (the cache itself is only read).
 
 Launches go through ``torch.library.wrap_triton`` so the ops stay traceable.
 """
@@ -108,42 +107,43 @@ def select_pair_triton(
 
 @triton.jit
 def _merge_rows(
-    k_ptr, v_ptr, src_ptr, dst_ptr, do_ptr, ks_ptr, kd_ptr, vs_ptr, vd_ptr, gap_ptr, freq_ptr,
+    k_ptr, v_ptr, src_ptr, dst_ptr, ks_ptr, kd_ptr, vs_ptr, vd_ptr, gap_ptr, freq_ptr,
+    ko_ptr, vo_ptr,
     sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     H, P, D, HALF,
     KEYS: tl.constexpr, ROPE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (batch, head, pair), pairs fastest
+    pid = tl.program_id(0)  # (batch, head, pair), pairs fastest; the outputs are contiguous
     bh = pid // P
     b, h = bh // H, bh % H
     i = tl.load(src_ptr + pid)
     j = tl.load(dst_ptr + pid)
-    do = tl.load(do_ptr + pid) != 0
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    if do:
-        v_row = v_ptr + b * sv_b + h * sv_h
-        v1 = tl.load(v_row + i * sv_n + d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
-        v2 = tl.load(v_row + j * sv_n + d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
-        v_new = tl.load(vs_ptr + pid) * v1 + tl.load(vd_ptr + pid) * v2
-        tl.store(v_row + j * sv_n + d * sv_d, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
-        if KEYS:
-            k_row = k_ptr + b * sk_b + h * sk_h
-            k1 = tl.load(k_row + i * sk_n + d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
-            k2 = tl.load(k_row + j * sk_n + d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
-            if ROPE:
-                # rotate_half pairs channel c < HALF with c + HALF; channels >= 2 * HALF stay.
-                rot = d < 2 * HALF
-                low = d < HALF
-                partner = tl.where(low, d + HALF, d - HALF)
-                k1p = tl.load(k_row + i * sk_n + partner * sk_d, mask=d_ok & rot, other=0.0)
-                freq = tl.load(freq_ptr + tl.where(low, d, d - HALF), mask=d_ok & rot, other=0.0)
-                angle = tl.load(gap_ptr + pid).to(tl.float32) * freq
-                sign = tl.where(low, -1.0, 1.0)
-                turned = k1 * tl.cos(angle) + sign * k1p.to(tl.float32) * tl.sin(angle)
-                k1 = tl.where(rot, turned, k1)
-            k_new = tl.load(ks_ptr + pid) * k1 + tl.load(kd_ptr + pid) * k2
-            tl.store(k_row + j * sk_n + d * sk_d, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+    v_row = v_ptr + b * sv_b + h * sv_h
+    v1 = tl.load(v_row + i * sv_n + d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
+    v2 = tl.load(v_row + j * sv_n + d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
+    v_new = tl.load(vs_ptr + pid) * v1 + tl.load(vd_ptr + pid) * v2
+    tl.store(vo_ptr + pid * D + d, v_new.to(vo_ptr.dtype.element_ty), mask=d_ok)
+    k_row = k_ptr + b * sk_b + h * sk_h
+    k2 = tl.load(k_row + j * sk_n + d * sk_d, mask=d_ok, other=0.0)
+    if KEYS:
+        k1 = tl.load(k_row + i * sk_n + d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
+        if ROPE:
+            # rotate_half pairs channel c < HALF with c + HALF; channels >= 2 * HALF stay.
+            rot = d < 2 * HALF
+            low = d < HALF
+            partner = tl.where(low, d + HALF, d - HALF)
+            k1p = tl.load(k_row + i * sk_n + partner * sk_d, mask=d_ok & rot, other=0.0)
+            freq = tl.load(freq_ptr + tl.where(low, d, d - HALF), mask=d_ok & rot, other=0.0)
+            angle = tl.load(gap_ptr + pid).to(tl.float32) * freq
+            sign = tl.where(low, -1.0, 1.0)
+            turned = k1 * tl.cos(angle) + sign * k1p.to(tl.float32) * tl.sin(angle)
+            k1 = tl.where(rot, turned, k1)
+        k_new = tl.load(ks_ptr + pid) * k1 + tl.load(kd_ptr + pid) * k2.to(tl.float32)
+        tl.store(ko_ptr + pid * D + d, k_new.to(ko_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(ko_ptr + pid * D + d, k2, mask=d_ok)
 
 
 def merge_rows_triton(
@@ -151,7 +151,6 @@ def merge_rows_triton(
     v: Tensor,
     src: Tensor,
     dst: Tensor,
-    do: Tensor,
     key_src: Tensor | None,
     key_dst: Tensor | None,
     value_src: Tensor,
@@ -159,12 +158,14 @@ def merge_rows_triton(
     gap: Tensor,
     inv_freq: Tensor | None,
     rotary_dim: int,
-) -> None:
-    """Triton twin of ``merge_rows_reference`` (same arguments, same mutation)."""
+) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``merge_rows_reference`` (same arguments, same results)."""
     B, H, _, D = k.shape
     P = src.shape[-1]
+    k_rows = torch.empty((B, H, P, D), dtype=k.dtype, device=k.device)
+    v_rows = torch.empty((B, H, P, D), dtype=v.dtype, device=v.device)
     if B * H * P == 0:
-        return
+        return k_rows, v_rows
     keys = key_src is not None
     rope = keys and inv_freq is not None
     freq = inv_freq.float().contiguous() if rope else k.new_zeros(1, dtype=torch.float32)
@@ -172,8 +173,9 @@ def merge_rows_triton(
     weights = [*((key_src.float().contiguous(), key_dst.float().contiguous()) if keys
                  else weights), *weights]  # fmt: skip
     torch.library.wrap_triton(_merge_rows)[(B * H * P,)](
-        k, v, src.contiguous(), dst.contiguous(), do.to(torch.int8).contiguous(), *weights,
-        gap.contiguous(), freq, *k.stride(), *v.stride(),
+        k, v, src.contiguous(), dst.contiguous(), *weights, gap.contiguous(), freq,
+        k_rows, v_rows, *k.stride(), *v.stride(),
         H, P, D, rotary_dim // 2 if rope else 0,
         KEYS=keys, ROPE=rope, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
+    return k_rows, v_rows

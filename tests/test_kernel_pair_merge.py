@@ -78,13 +78,11 @@ def test_select_pair_triton_matches_reference(B, H, C, sink, recent, per_head, g
 
 
 def _pairs(B: int, H: int, C: int, P: int, seed: int) -> tuple:
-    """``P`` disjoint pairs per row and head (consecutive slots of a random permutation) and a
-    random ``do``."""
+    """``P`` disjoint pairs per row and head (consecutive slots of a random permutation)."""
     g = torch.Generator().manual_seed(seed)
     slots = torch.stack([torch.randperm(C, generator=g)[: 2 * P] for _ in range(B * H)])
     slots = slots.view(B, H, P, 2).to(DEVICE)
-    do = torch.rand(B, H, P, generator=g).to(DEVICE) < 0.7
-    return slots[..., 0], slots[..., 1], do
+    return slots[..., 0], slots[..., 1]
 
 
 def _rope(D: int, kind: str) -> tuple:
@@ -112,7 +110,7 @@ def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, 
     ``merge_rows``) gives ``merge_runs``' own merged keys and values."""
     P = min(P, C // 2)
     cache = _cache(B, H, C, D, seed, shared=False)
-    first, second, do = _pairs(B, H, C, P, seed + 1)
+    first, second = _pairs(B, H, C, P, seed + 1)
     inv_freq, rotary = _rope(D, rope)
     members = torch.stack([first, second], dim=-1).flatten(-2)
 
@@ -128,19 +126,13 @@ def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, 
         at(cache["k"]), at(cache["v"]), at(cache["logc"]), at(cache["hess"]), at(cache["score"]),
         pos, coupling, within, inv_freq, rotary, convex, 1e-6,
     )  # fmt: skip
-    k, v = cache["k"].clone(), cache["v"].clone()
-    merge_rows_reference(
-        k, v, first, second, do, merged.weight[..., 0::2], merged.weight[..., 1::2],
-        merged.share[..., 0::2], merged.share[..., 1::2], pos[..., 1::2] - pos[..., 0::2],
-        inv_freq, rotary,
+    rows = merge_rows_reference(
+        cache["k"], cache["v"], first, second, merged.weight[..., 0::2],
+        merged.weight[..., 1::2], merged.share[..., 0::2], merged.share[..., 1::2],
+        pos[..., 1::2] - pos[..., 0::2], inv_freq, rotary,
     )  # fmt: skip
-    for got, want, full in ((k, merged.k, cache["k"]), (v, merged.v, cache["v"])):
-        rows = at(got)[..., 1::2, :]
-        expect = torch.where(do[..., None], want[..., 1::2, :], at(full)[..., 1::2, :])
-        torch.testing.assert_close(rows, expect, atol=1e-4, rtol=1e-4)
-        untouched = torch.ones_like(full[..., 0], dtype=torch.bool)
-        untouched.scatter_(2, second, ~do)
-        assert torch.equal(got[untouched], full[untouched])
+    for got, want in zip(rows, (merged.k, merged.v), strict=True):
+        torch.testing.assert_close(got, want[..., 1::2, :], atol=1e-4, rtol=1e-4)
 
 
 @needs_triton
@@ -149,17 +141,15 @@ def test_merge_rows_with_run_weights_is_merge_runs(B, H, C, P, D, rope, convex, 
 def test_merge_rows_triton_matches_reference(B, H, C, P, D, rope, keys, seed):
     P = min(P, C // 2)
     cache = _cache(B, H, C, D, seed, shared=False)
-    first, second, do = _pairs(B, H, C, P, seed + 1)
+    first, second = _pairs(B, H, C, P, seed + 1)
     inv_freq, rotary = _rope(D, rope)
     g = torch.Generator().manual_seed(seed + 2)
     weights = [torch.randn(B, H, P, generator=g).to(DEVICE) for _ in range(4)]
     key = weights[:2] if keys else [None, None]
     gap = torch.randint(0, 50, (B, H, P), generator=g).to(DEVICE)
-    want = [cache["k"].clone(), cache["v"].clone()]
-    got = [cache["k"].clone(), cache["v"].clone()]
-    args = (first, second, do, *key, *weights[2:], gap, inv_freq, rotary)
-    merge_rows_reference(*want, *args)
-    merge_rows_triton(*got, *args)
+    args = (cache["k"], cache["v"], first, second, *key, *weights[2:], gap, inv_freq, rotary)
+    want = merge_rows_reference(*args)
+    got = merge_rows_triton(*args)
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
@@ -170,9 +160,9 @@ def test_opcheck(per_head):
     C = 10
     sel = (cache["pos"][..., :C], cache["score"][..., :C], 1, 2, per_head, 5.0)
     torch.library.opcheck(torch.ops.kvslim.select_pair.default, sel)
-    first, second, ok = (x[..., None] for x in torch.ops.kvslim.select_pair(*sel))
+    first, second, _ = (x[..., None] for x in torch.ops.kvslim.select_pair(*sel))
     w = torch.full((2, 2, 1), 0.5, device=DEVICE)
     gap = (second - first).abs()
     inv_freq = 10000 ** -(torch.arange(4, device=DEVICE) / 4)
-    merge = (cache["k"], cache["v"], first, second, ok, w, w, w, w, gap, inv_freq, 8)
+    merge = (cache["k"], cache["v"], first, second, w, w, w, w, gap, inv_freq, 8)
     torch.library.opcheck(torch.ops.kvslim.merge_rows.default, merge)

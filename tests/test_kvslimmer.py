@@ -191,7 +191,9 @@ def _reference_proxy(probs, card, values, sink):
 def test_hessian_proxy_is_normalised_like_the_reference(T, sink, G, Q, seed):
     """Single-token slots (value sums = means): the proxy equals the reference's, with the
     attention renormalised over the non-sink slots."""
-    from kvslim_fx.methods.kvslimmer import middle_hessian
+    from kvslim_fx.kernels.run_merge import hessian_proxy
+
+    from kvslim_fx.methods.kvslimmer import middle_output
 
     g = torch.Generator().manual_seed(seed)
     B, Hkv, D = 2, 2, 5
@@ -200,7 +202,8 @@ def test_hessian_proxy_is_normalised_like_the_reference(T, sink, G, Q, seed):
     # What the attention op reports: mass summed over queries and heads, per query row.
     prob = probs.sum(-2).view(B, Hkv, G, T).sum(2) / (Q * G)
     middle = torch.arange(T) >= sink
-    _, _, h = middle_hessian(prob, middle.expand(B, Hkv, T), values)
+    alpha, out = middle_output(prob, middle.expand(B, Hkv, T), values)
+    h = hessian_proxy(alpha, values, out)
     ref = _reference_proxy(probs, torch.ones(B, Hkv, T, dtype=torch.float64), values, sink)
     torch.testing.assert_close(h, ref)
 

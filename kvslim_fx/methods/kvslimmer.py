@@ -2,14 +2,11 @@
 
 Each step, after attention, the method
 
-1. updates every cached slot's statistics from the step's own attention mass (no second pass):
-   the selection statistic ``score_j = p_j · c_j / min(c_j, bias_cap)`` (``p_j``: the slot's
-   mean attention probability per query; every member of a merged slot counts), the last
-   step's (``score="last"``, as the reference selects from the current chunk) or its running
-   mean (``"mean"``), and the Hessian proxy ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` of the output
-   restricted to the non-sink slots, ``α`` renormalised over them as the reference does
-   (:func:`middle_hessian`; a running mean over the slot's steps). New tokens get theirs at
-   their first step in the cache;
+1. updates every cached slot's selection statistic from the step's own attention mass (no
+   second pass): ``score_j = p_j · c_j / min(c_j, bias_cap)`` (``p_j``: the slot's mean
+   attention probability per query; every member of a merged slot counts), the last step's
+   (``score="last"``, as the reference selects from the current chunk) or its running mean
+   (``"mean"``). New tokens get theirs at their first step in the cache;
 2. if the new tokens do not fit in the empty slots, picks that many disjoint adjacent pairs (in
    position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
    window, one selection per layer shared by the KV heads (``per_head=True``: per head);
@@ -18,7 +15,12 @@ Each step, after attention, the method
    ``merge_fraction`` of the mergeable pairs, so disjoint pairs always suffice and no slot more
    than doubles in one step;
 3. merges each pair: ``k* = (A k_m + B k_n) / (A + B)``,
-   ``A = h11 − h12``, ``B = h22 − h12``, ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``, with the earlier key
+   ``A = h11 − h12``, ``B = h22 − h12``, with the step's Hessian proxies of the output
+   restricted to the non-sink slots, ``α`` renormalised over them as the reference does
+   (:func:`middle_output`): ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂`` and
+   ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``. They are computed for the chosen pairs only: per step
+   that is one product ``α·V`` for ``o`` and ``O(D)`` per pair, not a pass over every slot's
+   value (a running mean per slot would need one each step, and measured no better). The earlier key
    rotated forward by the position gap (RoPE-correct, post-RoPE storage); value sums and
    cardinalities add (no cap); the merged slot takes the later position. Where the quadratic is
    not convex it falls back to the score-weighted mean, and counts it
@@ -57,7 +59,6 @@ from .base import (
 )
 
 _SLOT_STATE = {
-    "hess": (torch.float32, 0.0),  # smoothed Hessian proxy h_jj
     "score": (torch.float32, 0.0),  # the selection statistic (attention probability, see score)
     "steps": (torch.float32, 0.0),  # steps the slot has been attended (the running means' n)
 }
@@ -73,22 +74,23 @@ def _sixteenth(slots: int) -> int:
     return min(32, max(1, slots // 16))
 
 
-def middle_hessian(prob: Tensor, middle: Tensor, means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The Hessian proxy of the attention output restricted to the ``middle`` (non-sink) slots,
-    with the attention renormalised over them, as the reference code normalises it.
+def middle_output(prob: Tensor, middle: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
+    """The attention restricted to the ``middle`` (non-sink) slots and renormalised over them,
+    as the reference code normalises its Hessian proxy, and the output it gives.
 
     Args:
         prob: ``[B, H_kv, C]`` attention probability of each slot (mean over the step's queries).
         middle: ``[B, H_kv, C]`` bool, the occupied slots outside the sinks.
-        means: ``[B, H_kv, C, D]`` the slots' mean values.
+        means: ``[B, H_kv, C, D]`` the slots' mean values (the cache's dtype).
     Returns:
-        ``alpha [B, H_kv, C]`` (zero outside ``middle``, summing to 1 over it), the restricted
-        output ``o = Σ α_j m_j`` ``[B, H_kv, 1, D]`` and ``h_j = α_j (1 − 2α_j) ‖m_j − o‖₂``.
+        ``alpha [B, H_kv, C]`` (zero outside ``middle``, summing to 1 over it) and the restricted
+        output ``o = Σ α_j m_j`` ``[B, H_kv, 1, D]`` (at least float32; the product runs in the
+        values' dtype, so a 16-bit cache is read as it is, not copied to float32).
     """
     alpha = torch.where(middle, prob, 0)
     alpha = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
-    out = (alpha[..., None] * means).sum(2, keepdim=True)
-    return alpha, out, hessian_proxy(alpha, means, out)
+    out = torch.matmul(alpha.to(means.dtype)[..., None, :], means)
+    return alpha, out.to(torch.promote_types(means.dtype, torch.float32))
 
 
 def _alternate_below(edge: Tensor, t: Tensor) -> Tensor:
@@ -128,6 +130,7 @@ class KVSlimmer(Method):
     """Asymmetric KV merging with the exact, forward-only Hessian; see the module docstring."""
 
     name = "kvslimmer"
+    combines_rows = True
     default_sink = None  # scaled to the slots: see sink_for
     needs_rope = True
 
@@ -236,24 +239,21 @@ class KVSlimmer(Method):
         # attention uses, so that a slot of many tokens is as costly to merge as they are.
         score_now = prob * (logc - self.attention_logc(logc)).exp()
 
-        means = cache.storage.values()[:, :, :C].float()
-        alpha, out, h_now = middle_hessian(prob, pos >= self.sink_for(C), means)
-
         lived = (pos >= 0) & (count > 0)
         steps = cache.steps[:, :, :C] + lived
-        n = steps.clamp_min(1)
-        hess, score = cache.hess[:, :, :C], cache.score[:, :, :C]
-        hess = hess + torch.where(lived, (h_now - hess) / n, 0)
+        score = cache.score[:, :, :C]
         if self.score == "last":
             score = torch.where(lived, score_now, score)
         else:
-            score = score + torch.where(lived, (score_now - score) / n, 0)
-        plan = Plan(state={"hess": hess, "score": score, "steps": steps})
+            score = score + torch.where(lived, (score_now - score) / steps.clamp_min(1), 0)
+        plan = Plan(state={"score": score, "steps": steps})
         if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)
             need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
             select = self._pair if one else self._pairs
             first, second, do = select(pos, score, need, C)
-            self._merge_plan(plan, cache, first, second, do, hess, score, alpha, out)
+            means = cache.storage.values()[:, :, :C]
+            alpha, out = middle_output(prob, pos >= self.sink_for(C), means)
+            self._merge_plan(plan, cache, first, second, do, score, alpha, out)
         return plan
 
     def _selection(self, pos: Tensor, score: Tensor, slots: int) -> tuple:
@@ -278,17 +278,17 @@ class KVSlimmer(Method):
             mass, seen = cache.window_mass()
             prob = mass / seen.clamp_min(1)
             score = self.prompt_score(prob, pos, slots)
-            means = cache.storage.values()[:, :, :C].float()
-            alpha, out, hess = middle_hessian(prob, pos >= self.sink_for(slots), means)
+            means = cache.storage.values()[:, :, :C]
+            alpha, out = middle_output(prob, pos >= self.sink_for(slots), means)
             edges = torch.isfinite(pair_costs(*self._selection(pos, score, slots))[3]).sum(-1)
             if not bool((edges > 0).all()):
                 raise KVSlimError(
                     f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
-            plan = Plan(state={"hess": hess, "score": score})
+            plan = Plan(state={"score": score})
             first, second, do = self._pairs(pos, score, torch.minimum(excess, rule), slots)
-            self._merge_plan(plan, cache, first, second, do, hess, score, alpha, out)
+            self._merge_plan(plan, cache, first, second, do, score, alpha, out)
             yield plan
 
     def prompt_score(self, prob: Tensor, pos: Tensor, slots: int) -> Tensor:
@@ -339,7 +339,6 @@ class KVSlimmer(Method):
         first: Tensor,
         second: Tensor,
         do: Tensor,
-        hess: Tensor,
         score: Tensor,
         alpha: Tensor,
         out: Tensor,
@@ -347,23 +346,25 @@ class KVSlimmer(Method):
         """Add the merge of slot ``first`` into ``second`` where ``do`` (``[B, H, P]``, disjoint
         pairs) to ``plan``: the closed-form key weights and cardinality shares of
         :func:`~kvslim_fx.kernels.run_merge.merge_runs` on runs of two, given the slots'
-        statistics ``hess``, ``score`` and ``alpha`` (``[B, H, C]``) and ``out [B, H, 1, D]``."""
+        ``score`` and restricted attention ``alpha`` (``[B, H, C]``) and its output
+        ``out [B, H, 1, D]``; the pairs' Hessian proxies are computed here, for them alone."""
         B, H, P = first.shape
         members = torch.stack([first, second], dim=-1).flatten(-2)  # [B, H, 2P]: f0 s0 f1 s1 ..
         at = lambda x: x.gather(2, members)  # noqa: E731
         idx = members[..., None].expand(*members.shape, out.shape[-1])
         means = cache.storage.values().gather(2, idx).float()
         within = torch.arange(2 * P - 1, device=first.device) % 2 == 0  # edge (f_p, s_p)
+        a = at(alpha)
         merged = merge_runs(
-            None, means, at(cache.logc), at(hess), at(score), at(cache.pos),
-            adjacent_coupling(at(alpha), means, out), within.expand(B, H, -1), None, None,
-            self.convex, self.eps,
+            None, means, at(cache.logc), hessian_proxy(a, means, out), at(score), at(cache.pos),
+            adjacent_coupling(a, means, out), within.expand(B, H, -1), None, None, self.convex,
+            self.eps,
         )  # fmt: skip
         plan.merge = Merge(
             src=first, dst=second, do=do, counts=True,
             key=(merged.weight[..., 0::2], merged.weight[..., 1::2]),
             value=(merged.share[..., 0::2], merged.share[..., 1::2]),
-            state={"hess": merged.hess[..., 1::2], "score": merged.score[..., 1::2]},
+            state={"score": merged.score[..., 1::2]},
         )  # fmt: skip
         count = do.sum(-1)
         plan.events = count

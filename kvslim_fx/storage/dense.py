@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.pair_merge import merge_rows  # noqa: F401  (registers kvslim::merge_rows)
-from ..kernels.slots import slot_index
+from ..kernels.slots import put_slots, slot_index
 from .base import Storage, register_storage
 
 
@@ -45,11 +45,14 @@ class Dense(Storage):
 
     def merge(self, src, dst, do, key, value, gap) -> None:
         rope = self.merge_rope
-        torch.ops.kvslim.merge_rows(
-            self.k, self.v, src, dst, do, *(key or (None, None)), *value, gap,
+        k, v = torch.ops.kvslim.merge_rows(
+            self.k, self.v, src, dst, *(key or (None, None)), *value, gap,
             None if rope is None else rope.inv_freq.to(self.k.device),
             0 if rope is None else rope.rotary_dim,
         )  # fmt: skip
+        if key is not None:
+            put_slots(self.k, dst, k, do)
+        put_slots(self.v, dst, v, do)
 
     def take(self, source: Tensor, keep: Tensor) -> None:
         idx = source[..., None].expand(*source.shape, self.site.head_dim)
