@@ -72,6 +72,7 @@ def transform(
         budget = max(1, round(sum(schedule) / len(schedule)))
     algo = make_method(method, budget, **options)
     store = make_storage(storage)
+    store.cls.check_method(algo)
     config = model.config
     arch = getattr(config, "model_type", type(model).__name__)
     max_pos = _max_positions(config)
@@ -108,9 +109,10 @@ def transform(
         # Without rotary embeddings (learned positions) the keys are already un-rotated.
         pre_rope = store.pre_rope and any(r is not None for r in ropes)
         replace_sdpa(gm, config, lambda site: LayerCache(algo, store(site, ropes[site.layer])),
-                     pre_rope)  # fmt: skip
+                     pre_rope, store.cls.needs_projections)  # fmt: skip
     except (GraphRewriteError, UnsupportedRope) as err:
         raise KVSlimError(str(err)) from None
+    store.cls.finish_layers([m.storage for m in gm.modules() if isinstance(m, LayerCache)])
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if inputs != ["input_ids", "position_ids", "kv_positions"]:
         raise KVSlimError(f"{arch}: unexpected inputs {inputs} after the rewrite")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
 
+from .projection import Projection, projection_of
 from .rope import unrotated
 
 __all__ = ["AttentionSite", "GraphRewriteError", "layer_windows", "replace_sdpa"]
@@ -52,6 +53,10 @@ class AttentionSite:
     head_dim: int
     scale: float
     window: int  # sliding window in tokens (0 = global attention)
+    # The maps behind the cached keys (before RoPE where the cache takes them so) and values,
+    # where the caller asked for them (a storage that factors the projection weights).
+    key_proj: Projection | None = field(default=None, compare=False, repr=False)
+    value_proj: Projection | None = field(default=None, compare=False, repr=False)
 
 
 def layer_windows(config, num_layers: int) -> list[int]:
@@ -92,13 +97,16 @@ def replace_sdpa(
     config,
     make_module: Callable[[AttentionSite], nn.Module],
     pre_rope: bool = False,
+    projections: bool = False,
 ) -> list[AttentionSite]:
     """Replace every SDPA node of ``gm`` in place; returns one :class:`AttentionSite` per layer.
 
     ``gm`` must be ``ExportedProgram.module()`` of an HF causal LM. Afterwards it is called with
     its tensor inputs positionally (unused ones removed), followed by ``kv_positions [B, L]``
     (int64, ``-1`` = pad), and returns a flat tuple of its outputs. ``pre_rope``: the modules
-    get the keys before HF's ``apply_rotary_pos_emb`` (an error where it cannot be found).
+    get the keys before HF's ``apply_rotary_pos_emb`` (an error where it cannot be found);
+    ``projections``: each site carries the linear maps behind the cached keys and values
+    (:func:`~kvslim_fx.passes.projection.projection_of`; an error where there is none).
     """
     arch = getattr(config, "model_type", type(config).__name__)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
@@ -158,6 +166,14 @@ def replace_sdpa(
                 )
             k_src = before
         v_src = _unrepeat(v, hkv, where)
+        if projections:
+            try:
+                site = replace(site, key_proj=projection_of(gm, k_src),
+                               value_proj=projection_of(gm, v_src))  # fmt: skip
+            except ValueError as err:
+                raise GraphRewriteError(
+                    f"{where}: the storage factors the key/value projection weights, but {err}"
+                ) from None
         name = f"kvslim_attention_{layer}"
         gm.add_submodule(name, make_module(site))
         with gm.graph.inserting_before(node):

@@ -60,6 +60,9 @@ class Method:
     # None: the method picks its sinks per layer from the layer's slots.
     default_sink: ClassVar[int | None] = 0
     needs_rope: ClassVar[bool] = False
+    # Whether plans combine rows with weights per KV head (a merge or a fold), not only move,
+    # keep or drop them.
+    combines_rows: ClassVar[bool] = False
     # How many of the prompt's last queries score a prefill="full" compression (None: the model's
     # prefill_window; never more). A method whose rule names its queries sets it.
     observe: int | None = None

@@ -38,6 +38,7 @@ class WeightedKV(ScoreMethod):
     """Evict the least-attended key, merge its value rightwards; see the module docstring."""
 
     name = "weightedkv"
+    combines_rows = True
     accumulators = ("acc", "steps")
 
     def __init__(

@@ -16,8 +16,9 @@ from ..passes.sdpa import AttentionSite
 from .base import STORAGES, Storage, register_storage
 from .dense import Dense
 from .int8 import Int8
+from .lorc import LoRC
 
-__all__ = ["STORAGES", "Dense", "Int8", "Storage", "StorageSpec", "make_storage",
+__all__ = ["STORAGES", "Dense", "Int8", "LoRC", "Storage", "StorageSpec", "make_storage",
            "register_storage", "storage_class"]  # fmt: skip
 
 

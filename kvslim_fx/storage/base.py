@@ -46,6 +46,8 @@ class Storage(nn.Module):
     name: ClassVar[str]
     # Whether keys are kept before RoPE unless the ``pre_rope`` option says otherwise.
     pre_rope_default: ClassVar[bool] = False
+    # Whether the storage reads the layer's key/value projections (``site.key_proj``, ...).
+    needs_projections: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -74,6 +76,15 @@ class Storage(nn.Module):
             self._groups[key] = make()
         self.shared = self._groups[key]
         return self.shared
+
+    @classmethod
+    def check_method(cls, method) -> None:
+        """Refuse (``KVSlimError``) a token policy whose plans this storage cannot carry out."""
+
+    @classmethod
+    def finish_layers(cls, storages: list[Storage]) -> None:
+        """Runs once when every layer of a model has its storage (in layer order): settings that
+        depend on all layers, such as a rank per layer. Default: nothing to do."""
 
     def end_prompt(self) -> None:
         """Runs once after the prompt's last chunk, after a question-aware prefill compressed the

@@ -1,0 +1,168 @@
+"""``storage="lorc"``: low-rank latents of the key/value projections (kvslim_fx/storage/lorc.py).
+
+Full rank is the original model; below it, the cache holds the Eckart–Young truncation of each
+projection (bias included, as a last row against a constant input); ranks follow the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import (
+    hf_logits,
+    hf_model,
+    kv_model,
+    prefill_and_decode,
+    prompts,
+    transform_reusing_trace,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvslim_fx import KVSlimError
+from kvslim_fx.storage.lorc import allocate_ranks, progressive_weights
+
+ARCHS = ("llama", "qwen2", "gemma3_text", "mistral", "gpt2")
+
+
+def _lorc(arch: str, ratio: float, method: str = "full", budget=None, schedule="progressive",
+          **options):  # fmt: skip
+    return kv_model(arch, method, budget, chunk_size=16,
+                    storage=f"lorc:ratio={ratio}:schedule={schedule}", **options)  # fmt: skip
+
+
+def _rms_error(arch: str, model, steps: int = 0, seed: int = 0) -> float:
+    """RMS logit error against the original model over a padded batch and ``steps`` decode
+    steps (the decoded tokens fed back to the reference too)."""
+    ids, mask = prompts(2, 40, pads=[0, 3], seed=seed)
+    got = prefill_and_decode(model, ids, mask, steps)
+    tokens = got[:, ids.shape[1] - 1 : -1].argmax(-1)
+    full_ids = torch.cat([ids, tokens], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+    want = hf_logits(arch, full_ids, full_mask)
+    return float((got - want)[full_mask.bool()].pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_is_the_original_model(arch):
+    """Ratio 1 keeps every singular direction: the model's logits within 1e-5 (fp32), prefill in
+    chunks and decode, full and streaming (whose budget then covers the sequence)."""
+    for method, budget in (("full", None), ("streaming", 64)):
+        model = _lorc(arch, 1.0, method, budget)
+        assert _rms_error(arch, model, steps=5) < 1e-5, method
+        for layer in model.layers:
+            assert layer.storage.rank_k == layer.storage.width
+
+
+@settings(max_examples=6, deadline=None)
+@given(arch=st.sampled_from(ARCHS), seed=st.integers(0, 2**16))
+def test_the_logit_error_shrinks_as_the_rank_grows(arch, seed):
+    errors = [_rms_error(arch, _lorc(arch, r, schedule="uniform"), seed=seed)
+              for r in (0.25, 0.5, 0.75, 1.0)]  # fmt: skip
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_the_cache_holds_the_eckart_young_truncation(arch):
+    """Each layer's basis is the top right singular vectors of ``[Wᵀ; bᵀ]``: what it drops is
+    exactly the energy of the dropped singular values, and a stored key rebuilds as
+    ``[x, 1] M_r`` (``qwen2``: k/v bias inside the factor)."""
+    model = _lorc(arch, 0.5)
+    for layer in model.layers:
+        s = layer.storage
+        for proj, basis in ((s.site.key_proj, s.basis_k), (s.site.value_proj, s.basis_v)):
+            m = proj.augmented()
+            sigma = torch.linalg.svdvals(m)
+            r = basis.shape[1]
+            vr = basis.double()
+            kept = m @ vr @ vr.T
+            dropped = float(sigma[r:].pow(2).sum().sqrt())
+            assert math.isclose(float((m - kept).norm()), dropped, rel_tol=1e-5, abs_tol=1e-9)
+            # A token's key [x, 1] M, stored as a latent and rebuilt, is [x, 1] M_r.
+            x = torch.cat([torch.randn(3, m.shape[0] - (proj.bias is not None)),
+                           torch.ones(3, int(proj.bias is not None))], dim=1).double()  # fmt: skip
+            key = (x @ m).float().view(1, 3, s.site.num_kv_heads, s.site.head_dim).transpose(1, 2)
+            latent = s._latent(key, basis, torch.float32)
+            rebuilt = s._rebuilt(latent, basis).transpose(1, 2).reshape(3, -1)
+            torch.testing.assert_close(rebuilt.double(), x @ kept, atol=1e-4, rtol=1e-4)
+        assert proj.bias is not None or arch != "qwen2"
+
+
+def test_half_the_width_costs_at_most_0_52_of_the_dense_cache():
+    """At a real head size (SmolLM2's: 3 KV heads of 64) the latents are half of K and V; the
+    per-slot bookkeeping (position and log-cardinality, 12 B per KV head) is the rest. (The tiny
+    models' 2 heads of 16 make that bookkeeping 9 % of a dense slot.)"""
+    from tiny_models import tiny_model
+
+    hf = tiny_model("llama", hidden_size=192, num_attention_heads=3, num_key_value_heads=3,
+                    head_dim=64)  # fmt: skip
+    dense = transform_reusing_trace(hf, "streaming", 32, chunk_size=16)
+    lorc = transform_reusing_trace(hf, "streaming", 32, chunk_size=16, storage="lorc:ratio=0.5")
+    for model in (dense, lorc):
+        model.reset(batch_size=2, max_length=64)
+    assert lorc.cache_bytes() <= 0.52 * dense.cache_bytes()
+    ranks = [(layer.storage.rank_k, layer.storage.rank_v) for layer in lorc.layers]
+    width = lorc.layers[0].storage.width
+    assert sum(k + v for k, v in ranks) == len(ranks) * width  # half of 2·width per layer
+    assert "rank_k=" in repr(lorc)
+
+
+def test_score_methods_compose_with_a_shared_selection():
+    """H2O with per_head=False over lorc keeps the positions it keeps over dense (full rank) and
+    gives the same logits."""
+    ids, mask = prompts(2, 40, pads=[0, 3])
+    dense = kv_model("llama", "h2o", 24, chunk_size=16, per_head=False)
+    lorc = _lorc("llama", 1.0, "h2o", 24, per_head=False)
+    want, got = (prefill_and_decode(m, ids, mask, 4) for m in (dense, lorc))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(dense.layers, lorc.layers, strict=True):
+        assert torch.equal(a.pos, b.pos)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [("kvslimmer", {}, "combines rows"), ("weightedkv", {"per_head": False}, "combines rows"),
+     ("h2o", {}, "per_head=False")],
+)  # fmt: skip
+def test_policies_lorc_cannot_carry_are_refused_by_name(method, options, match):
+    with pytest.raises(KVSlimError, match=f"'lorc' cannot carry method '{method}'.*{match}"):
+        transform_reusing_trace(hf_model("llama"), method, 24, storage="lorc", **options)
+
+
+def test_a_projection_it_cannot_read_is_refused_naming_the_layer():
+    # GPT-NeoX interleaves q, k and v per head in one projection.
+    with pytest.raises(KVSlimError, match=r"gpt_neox layer 0 .*factors the key/value projection"):
+        transform_reusing_trace(hf_model("gpt_neox"), "full", storage="lorc")
+
+
+@pytest.mark.parametrize("options", ["ratio=0", "ratio=1.5", "schedule=steep"])
+def test_bad_options_are_refused(options):
+    with pytest.raises(KVSlimError, match=r"lorc: (ratio|schedule)"):
+        transform_reusing_trace(hf_model("llama"), "full", storage=f"lorc:{options}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(st.floats(1, 2), min_size=1, max_size=12),
+    caps=st.data(),
+    ratio=st.floats(0.05, 1),
+)
+def test_ranks_meet_the_total_within_caps_and_follow_the_weights(weights, caps, ratio):
+    caps = caps.draw(st.lists(st.integers(1, 64), min_size=len(weights), max_size=len(weights)))
+    total = round(ratio * sum(caps))
+    ranks = allocate_ranks(weights, total, caps)
+    assert sum(ranks) == min(max(total, len(caps)), sum(caps))
+    assert all(1 <= r <= c for r, c in zip(ranks, caps, strict=True))
+    # A layer of more weight never gets fewer than one of less unless its cap holds it back.
+    for i, j in ((i, j) for i in range(len(weights)) for j in range(len(weights))):
+        if weights[i] > weights[j] and ranks[i] < caps[i]:
+            assert ranks[i] >= ranks[j] - 1
+
+
+def test_progressive_weights_favour_the_shallow_layers():
+    w = progressive_weights([3.0, 2.0, 5.0, 1.5])
+    assert w == sorted(w, reverse=True) and w[0] == 2 and w[-1] == 1
+    assert progressive_weights([2.0]) == [1.0]
