@@ -24,6 +24,12 @@ that a chunk still sees the slots its own tokens are about to replace.
 ``kvslim::attend_int8`` is the same attention over a cache of int8 codes with a scale per group
 of channels (the ``int8`` storage): the Triton kernel dequantises each row as it loads it; the
 reference dequantises the cache first (:func:`dequantize_rows`) and runs ``kvslim::attend``'s.
+
+``kvslim::attend_lorc`` is the same attention over a cache of low-rank latents shared by the KV
+heads (the ``lorc`` storage): keys are rebuilt from their latents (``c_K B_Kᵀ``) and rotated to
+their positions (they are stored before RoPE), values are read in the latent space: the
+probabilities weight the latents, and ``B_V`` maps the weighted sum to each head
+(``Σ_j p_j (c_j B_V) = (Σ_j p_j c_j) B_V``), so values are never rebuilt.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import torch
 from torch import Tensor
 
 from .registry import HAS_TRITON, kernel_op
+from .run_merge import rope_rotate
 
 if HAS_TRITON:
     from .attention_triton import attend_triton
 
-__all__ = ["attend", "attend_int8", "attend_reference", "attend_sdpa", "dequantize_rows",
-           "window_mass"]  # fmt: skip
+__all__ = ["attend", "attend_int8", "attend_lorc", "attend_lorc_reference", "attend_reference",
+           "attend_sdpa", "dequantize_rows", "latent_rows", "window_mass"]  # fmt: skip
 
 
 def _visible(q_pos: Tensor, k_pos: Tensor, window: int, sink: int, recent: int) -> Tensor:
@@ -79,14 +86,33 @@ def attend_reference(
         (``[0]`` when ``return_mass`` is false): cache slots first, then the new tokens.
     """
     B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    keys = torch.cat([cache_k, k], dim=2).float()  # [B, Hkv, N, D]
+    p = _probabilities(q, k, cache_k, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
     vals = torch.cat([cache_v, v], dim=2).float()
+    out = torch.einsum("bhgln,bhnd->bhgld", p, vals).reshape(B, Hq, L, D).to(q.dtype)
+    mass = p.sum(dim=(2, 3)) if return_mass else q.new_zeros(0, dtype=torch.float32)
+    return out, mass
+
+
+def _probabilities(
+    q: Tensor,
+    k: Tensor,
+    cache_k: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int,
+    sink: int,
+    recent: int,
+) -> Tensor:
+    """The reference's attention probabilities ``[B, H_kv, G, L, C + L]`` (float32; cache slots
+    first, then the new tokens; a query that sees nothing has all zeros)."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    keys = torch.cat([cache_k, k], dim=2).float()  # [B, Hkv, N, D]
     logc = torch.cat([cache_logc.float(), cache_logc.new_zeros(B, Hkv, L)], dim=2)
     k_pos = torch.cat([cache_pos, q_pos[:, None, :].expand(B, Hkv, L)], dim=2)
-
-    qf = q.float().reshape(B, Hkv, G, L, D)
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, L, D)
     s = torch.einsum("bhgld,bhnd->bhgln", qf, keys) * scale + logc[:, :, None, None, :]
     vis = _visible(q_pos[:, None, None, :, None], k_pos[:, :, None, None, :], window, sink, recent)
     s = s.masked_fill(~vis, float("-inf"))
@@ -94,10 +120,7 @@ def attend_reference(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.einsum("bhgln,bhnd->bhgld", p, vals).reshape(B, Hq, L, D).to(q.dtype)
-    mass = p.sum(dim=(2, 3)) if return_mass else q.new_zeros(0, dtype=torch.float32)
-    return out, mass
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def attend_sdpa(
@@ -296,3 +319,85 @@ def attend_int8(
     cache_v = dequantize_rows(cache_vq, cache_v_scale, q.dtype)
     args = (q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
     return _attend_here(args, return_mass)
+
+
+def latent_rows(latent: Tensor, basis: Tensor, num_heads: int) -> Tensor:
+    """Latents ``[B, 1, N, r]`` times ``basisᵀ`` (``basis [H·D, r]``) as rows ``[B, H, N, D]``
+    (float32)."""
+    B, _, N, _ = latent.shape
+    flat = latent[:, 0].float() @ basis.float().T  # [B, N, H·D]
+    return flat.view(B, N, num_heads, -1).transpose(1, 2)
+
+
+def attend_lorc_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_ck: Tensor,
+    cache_cv: Tensor,
+    basis_k: Tensor,
+    basis_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+    inv_freq: Tensor | None = None,
+    rotary_dim: int = 0,
+    attention_scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attend_reference` over latents ``cache_ck [B, 1, C, r_k]`` and
+    ``cache_cv [B, 1, C, r_v]`` (shared by the KV heads) with bases ``basis_k [H_kv·D, r_k]``
+    and ``basis_v [H_kv·D, r_v]``.
+
+    The new tokens' ``k`` (rotated) and ``v`` are attended as they are. Cached keys are rebuilt
+    before RoPE and rotated to ``cache_pos`` (HF's ``rotate_half`` layout on the first
+    ``rotary_dim`` channels, cos and sin times ``attention_scaling``) where ``inv_freq`` is given.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    keys = latent_rows(cache_ck, basis_k, Hkv)
+    if inv_freq is not None:
+        turned = rope_rotate(keys, cache_pos.clamp_min(0), inv_freq, rotary_dim)
+        keys = torch.cat([turned[..., :rotary_dim] * attention_scaling,
+                          turned[..., rotary_dim:]], dim=-1)  # fmt: skip
+    p = _probabilities(q, k, keys, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
+    C = cache_ck.shape[2]
+    # Values in the latent space: Σ_j p_j c_j, then each KV head's block of basis_v.
+    weighted = torch.einsum("bhgln,bnr->bhglr", p[..., :C], cache_cv[:, 0].float())
+    blocks = basis_v.float().view(Hkv, D, -1)  # [H_kv, D, r_v]
+    out = torch.einsum("bhglr,hdr->bhgld", weighted, blocks)
+    out = out + torch.einsum("bhgln,bhnd->bhgld", p[..., C:], v.float())
+    mass = p.sum(dim=(2, 3)) if return_mass else q.new_zeros(0, dtype=torch.float32)
+    return out.reshape(B, Hq, L, D).to(q.dtype), mass
+
+
+@kernel_op("kvslim::attend_lorc")
+def attend_lorc(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_ck: Tensor,
+    cache_cv: Tensor,
+    basis_k: Tensor,
+    basis_v: Tensor,
+    cache_logc: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    scale: float,
+    window: int = 0,
+    sink: int = 0,
+    recent: int = 0,
+    return_mass: bool = False,
+    inv_freq: Tensor | None = None,
+    rotary_dim: int = 0,
+    attention_scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Registered op: :func:`attend_lorc_reference` (the Triton kernel is not written yet)."""
+    return attend_lorc_reference(
+        q, k, v, cache_ck, cache_cv, basis_k, basis_v, cache_logc, cache_pos, q_pos, scale,
+        window, sink, recent, return_mass, inv_freq, rotary_dim, attention_scaling,
+    )  # fmt: skip

@@ -14,8 +14,8 @@ from helpers import kv_model, prompts
 import kvslim_fx
 
 CASES = [
-    # The ring layout (full's too: test_export.py packages it).
-    ("streaming", 40, {}),
+    # The ring layout (full's too: test_export.py packages it), over the lorc storage's latents.
+    ("streaming", 40, {"storage": "lorc"}),
     # Keys kept before RoPE (test_pre_rope.py): merged unrotated, rotated when read.
     ("kvslimmer", 48, {"sink": 4, "recent": 4, "storage": "dense:pre_rope=true"}),
     ("weightedkv", 40, {}),

@@ -18,11 +18,12 @@ from kvslim_fx import KVSlimError
 # *constants* at batch 1, which is why the package takes the cache as mutated inputs.
 @pytest.fixture(
     scope="module",
-    # The ring layout by full; "decayed" is a user's own policy (tests/user_policy.py) over a
-    # user's own storage with state shared by layers (tests/user_storage.py), keys kept before
-    # RoPE; WeightedKV (its folds, a staged decode token) over the int8 storage.
+    # The ring layout by full, over the lorc storage (latents and bases); "decayed" is a user's
+    # own policy (tests/user_policy.py) over a user's own storage with state shared by layers
+    # (tests/user_storage.py), keys kept before RoPE; WeightedKV (its folds, a staged decode
+    # token) over the int8 storage.
     params=[
-        ("full", None, 1, "dense"),
+        ("full", None, 1, "lorc"),
         ("kvslimmer", 48, 2, "dense"),
         ("weightedkv", 40, 1, "int8"),
         ("decayed", 40, 2, "tally:pre_rope=true"),

@@ -166,3 +166,58 @@ def test_progressive_weights_favour_the_shallow_layers():
     w = progressive_weights([3.0, 2.0, 5.0, 1.5])
     assert w == sorted(w, reverse=True) and w[0] == 2 and w[-1] == 1
     assert progressive_weights([2.0]) == [1.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 3),
+    G=st.integers(1, 3),
+    C=st.integers(1, 12),
+    L=st.integers(1, 4),
+    r=st.integers(1, 8),
+    rope=st.booleans(),
+    window=st.sampled_from([0, 6]),
+    seed=st.integers(0, 2**16),
+)
+def test_attend_lorc_is_attention_over_the_rebuilt_rows(B, Hkv, G, C, L, r, rope, window, seed):
+    """The value-absorption identity: weighting the latents and mapping the sum through ``B_V``
+    is attention over the rebuilt values; keys are rebuilt, then rotated to their positions."""
+    from kvslim_fx.kernels.attention import attend_lorc_reference, attend_reference, latent_rows
+    from kvslim_fx.kernels.run_merge import rope_rotate
+
+    g = torch.Generator().manual_seed(seed)
+    D = 4
+    r = min(r, Hkv * D)
+    q = torch.randn(B, Hkv * G, L, D, generator=g)
+    k, v = torch.randn(2, B, Hkv, L, D, generator=g)
+    ck, cv = torch.randn(2, B, 1, C, r, generator=g)
+    bk, bv = (torch.linalg.qr(torch.randn(Hkv * D, r, generator=g))[0] for _ in range(2))
+    logc = torch.randn(B, Hkv, C, generator=g).abs()
+    pos = torch.randperm(C, generator=g).expand(B, Hkv, C).clone()
+    pos[:, :, 0] = -1  # an empty slot
+    q_pos = torch.arange(C, C + L).expand(B, L).clone()
+    q_pos[0, 0] = -1  # a pad
+    inv_freq = 10000 ** -(torch.arange(D // 2) / (D // 2)) if rope else None
+    keys = latent_rows(ck, bk, Hkv)
+    if rope:
+        keys = rope_rotate(keys, pos.clamp_min(0), inv_freq, D) * 1.25
+    args = (logc, pos, q_pos, 0.5, window, 1, 0, True)
+    want = attend_reference(q, k, v, keys, latent_rows(cv, bv, Hkv), *args)
+    got = attend_lorc_reference(q, k, v, ck, cv, bk, bv, *args, inv_freq, D if rope else 0, 1.25)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_lorc_opcheck():
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, C, L, D, r = 2, 2, 2, 6, 3, 4, 3
+    args = (
+        torch.randn(B, Hkv * G, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
+        torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, 1, C, r, generator=g),
+        torch.randn(B, 1, C, r, generator=g), torch.randn(Hkv * D, r, generator=g),
+        torch.randn(Hkv * D, r, generator=g), torch.zeros(B, Hkv, C),
+        torch.arange(C).expand(B, Hkv, C).contiguous(), torch.arange(C, C + L).expand(B, L),
+        0.5, 0, 0, 0, True, 10000 ** -(torch.arange(D // 2) / (D // 2)), D, 1.0,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.kvslim.attend_lorc.default, args)

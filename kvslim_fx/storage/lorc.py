@@ -8,8 +8,14 @@ and attention reads ``k̂ = c V_rᵀ = [x, 1] M_r``, where ``M_r`` is the best r
 approximation of ``M`` (Eckart–Young): LoRC's ``x A_K`` with ``A_K = U_r Σ_r`` and ``B_K = V_rᵀ``.
 The latent is computed from the key the model already produced, so the projection weights stay
 as they are (at decode one token's ``x W_K`` is what every cache pays; the saving is memory).
-Keys are rebuilt before RoPE and rotated to their positions when read (RoPE sits between the
-key and the query, so ``B_K`` cannot be folded into the query projection).
+Attention reads through ``kvslim::attend_lorc``: keys are rebuilt before RoPE and rotated to
+their positions (RoPE sits between the key and the query, so ``B_K`` cannot be folded into the
+query projection); values stay latent: the probabilities weight the latents and ``B_V`` maps the
+sum to each head. That is LoRC's absorption of ``B_V`` into the output projection, applied
+before ``o_proj`` instead of folded into it: with one latent for all KV heads a folded ``o_proj``
+would take ``H_q · r_V`` inputs instead of ``H_q · D`` (SmolLM2 at ratio 0.5: 864 instead of
+576), more weight to read per decode step, while ``(Σ p c) B_V`` costs ``H_q · r_V · D`` per
+query.
 
 Ranks per layer (``schedule``): ``"uniform"`` gives every layer ``round(ratio · H_kv·D)``;
 ``"progressive"`` (the default) gives shallow layers more, by the cumulative condition numbers
@@ -35,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KVSlimError
+from ..kernels.attention import latent_rows
 from ..kernels.slots import gather_slots, slot_index
 from .base import Storage, register_storage
 
@@ -92,6 +99,9 @@ class LoRC(Storage):
     def __init__(self, site, rope=None, ratio: float = 0.5, schedule: str = "progressive",
                  **base) -> None:  # fmt: skip
         super().__init__(site, rope, **base)
+        if not self.pre_rope:
+            raise KVSlimError("lorc: keys are kept before RoPE (the basis spans un-rotated keys); "
+                              "drop pre_rope=false")  # fmt: skip
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
             raise KVSlimError(f"lorc: ratio must lie in (0, 1] (the kept fraction of the K/V "
                               f"width), got {ratio!r}")  # fmt: skip
@@ -170,11 +180,8 @@ class LoRC(Storage):
                 old.zero_()
 
     def _rebuilt(self, latent: Tensor, basis: Tensor) -> Tensor:
-        """``[B, 1, N, r]`` latents → ``[B, H_kv, N, D]`` rows (float32 product, latent dtype)."""
-        B, _, N, _ = latent.shape
-        flat = latent[:, 0].float() @ basis.T  # [B, N, H_kv·D]
-        rows = flat.view(B, N, self.site.num_kv_heads, self.site.head_dim).transpose(1, 2)
-        return rows.to(latent.dtype)
+        """``[B, 1, N, r]`` latents → ``[B, H_kv, N, D]`` rows in the latents' dtype."""
+        return latent_rows(latent, basis, self.site.num_kv_heads).to(latent.dtype)
 
     def _latent(self, rows: Tensor, basis: Tensor, dtype: torch.dtype) -> Tensor:
         """``[B, H_kv, M, D]`` rows → ``[B, 1, M, r]`` latents."""
@@ -211,6 +218,16 @@ class LoRC(Storage):
         for name in ("ck", "cv"):
             kept = torch.where(keep[..., None], gather_slots(getattr(self, name), source), 0)
             setattr(self, name, torch.cat([kept, torch.zeros_like(kept[:, :, :1])], dim=2))
+
+    def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
+        s, rope = self.site, self.rope if self.rotates_at_read else None
+        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
+        return torch.ops.kvslim.attend_lorc(
+            q, k, v, self.ck, self.cv, self.basis_k, self.basis_v, logc, pos, kv_pos, s.scale,
+            s.window, sink, recent, return_mass,
+            None if rope is None else rope.inv_freq.to(q.device),
+            0 if rope is None else rope.rotary_dim, 1.0 if rope is None else rope.attention_scaling,
+        )  # fmt: skip
 
     def slot_bytes(self) -> int:
         return sum(t[:, :, :1].numel() * t.element_size() for t in (self.ck, self.cv))
