@@ -91,7 +91,7 @@ class LayerCache(nn.Module):
         ``occupied``: the most slots in use in one row and KV head; ``largest_slot`` and
         ``p99_slot``: the largest cardinality (tokens in one slot) and its 99th percentile over
         the occupied slots; ``merged``, ``fallbacks``, ``most_per_step``, ``most_joined``: as
-        ``merge_stats``.
+        ``merge_stats``; then the storage's own (:meth:`~kvslim_fx.storage.Storage.diagnostics`).
         """
         C = self.capacity
         occupied = self.pos[:, :, :C] >= 0
@@ -105,6 +105,7 @@ class LayerCache(nn.Module):
             "fallbacks": stats[1],
             "most_per_step": stats[2],
             "most_joined": stats[3],
+            **self.storage.diagnostics(),
         }
 
     def nbytes(self) -> int:

@@ -108,6 +108,7 @@ def test_half_the_width_costs_at_most_0_52_of_the_dense_cache():
     width = lorc.layers[0].storage.width
     assert sum(k + v for k, v in ranks) == len(ranks) * width  # half of 2·width per layer
     assert "rank_k=" in repr(lorc)
+    assert [(d["rank_k"], d["rank_v"]) for d in lorc.diagnostics()] == ranks
 
 
 def test_score_methods_compose_with_a_shared_selection():

@@ -164,6 +164,10 @@ class Storage(nn.Module):
         (zeros elsewhere), row ``N`` is a fresh trash row. ``source, keep: [B, H_kv, N]``."""
         raise NotImplementedError
 
+    def diagnostics(self) -> dict[str, float]:
+        """What the storage reports per layer beside the cache's diagnostics (e.g. ranks)."""
+        return {}
+
     def slot_bytes(self) -> int:
         """Bytes one slot costs across the batch and KV heads (everything stored per row; a
         group's ``shared`` state is counted once by the model)."""

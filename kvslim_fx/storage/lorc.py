@@ -168,6 +168,9 @@ class LoRC(Storage):
     def rank_v(self) -> int:
         return self.basis_v.shape[-1]
 
+    def diagnostics(self) -> dict[str, float]:
+        return {"rank_k": self.rank_k, "rank_v": self.rank_v}
+
     def extra_repr(self) -> str:
         return f"rank_k={self.rank_k}, rank_v={self.rank_v} of {self.width}"
 
