@@ -111,14 +111,21 @@ def test_half_the_width_costs_at_most_0_52_of_the_dense_cache():
     assert [(d["rank_k"], d["rank_v"]) for d in lorc.diagnostics()] == ranks
 
 
-def test_score_methods_compose_with_a_shared_selection():
-    """H2O with per_head=False over lorc keeps the positions it keeps over dense (full rank) and
-    gives the same logits."""
-    ids, mask = prompts(2, 40, pads=[0, 3])
-    dense = kv_model("llama", "h2o", 24, chunk_size=16, per_head=False)
-    lorc = _lorc("llama", 1.0, "h2o", 24, per_head=False)
-    want, got = (prefill_and_decode(m, ids, mask, 4) for m in (dense, lorc))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("prefill", ["bounded", "full"])
+def test_score_methods_compose_with_a_shared_selection(prefill):
+    """H2O (bounded) and SnapKV (question-aware prefill, which scores the prompt through the
+    storage's keys and compacts its rows) with per_head=False over lorc keep the positions they
+    keep over dense (full rank) and give the same tokens."""
+    import kvslim_fx
+
+    method = "h2o" if prefill == "bounded" else "snapkv"
+    ids, mask = prompts(2, 60, pads=[0, 3])
+    options = {"per_head": False, "prefill": prefill}
+    dense = kv_model("llama", method, 40, chunk_size=16, **options)
+    lorc = _lorc("llama", 1.0, method, 40, **options)
+    want, got = (kvslim_fx.generate(m, ids, mask, max_new_tokens=8, eos_token_id=[])
+                 for m in (dense, lorc))  # fmt: skip
+    assert torch.equal(got, want)
     for a, b in zip(dense.layers, lorc.layers, strict=True):
         assert torch.equal(a.pos, b.pos)
 
