@@ -152,13 +152,9 @@ class LoRC(Storage):
                 )
             for s, rank in zip(storages, allocate_ranks(weights, total, caps), strict=True):
                 basis = s._svd[name][1][:rank].T.float()  # [H_kv·D, r]
-                getattr(s, f"basis_{name}").data = basis.to(s.site_device)
+                getattr(s, f"basis_{name}").data = basis.to(s.site.key_proj.weight.device)
         for s in storages:
             s._svd = {}
-
-    @property
-    def site_device(self) -> torch.device:
-        return self.site.key_proj.weight.device
 
     @property
     def rank_k(self) -> int:
