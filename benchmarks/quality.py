@@ -72,7 +72,13 @@ from kvslim_fx.eval.answers import answer_case, answer_tokens
 from kvslim_fx.eval.case_file import write_cases
 from kvslim_fx.eval.default_model import load_default_model
 from kvslim_fx.eval.haystack import Case, needle_cases, retrieval_cases
-from kvslim_fx.eval.perplexity import austen_windows, continuation_nll, perplexity, reference_nll
+from kvslim_fx.eval.perplexity import (
+    austen_passage,
+    austen_windows,
+    continuation_nll,
+    perplexity,
+    reference_nll,
+)
 from kvslim_fx.methods import METHODS, make_method, parse_spec
 from kvslim_fx.transform import TRANSFORM_OPTIONS, transform
 
@@ -86,6 +92,8 @@ TITLES = {
     "retrieval": "Retrieval (four keys, one asked)",
 }
 OUT = "benchmarks/results/quality"
+# A spec option (lorc:...:calibrate=1024): fit the storage on that many held-out tokens.
+CALIBRATE = "calibrate"
 PEER = "kvpress.json"  # the peer's results, beside OUT unless --peer says otherwise
 PEER_TASKS = "kvpress_tasks.json"  # the cases written for it, beside OUT
 PEER_PREFIX = "kvpress:"
@@ -297,7 +305,7 @@ def run_perplexity(hf, tokenizer, args: argparse.Namespace, results: dict, path:
         if not todo:
             log(f"{label}: all {args.windows} windows done, skipped")
             continue
-        model = timed_transform(hf, method, slots, args, label)
+        model = timed_transform(hf, method, slots, args, label, tokenizer, windows)
         for i in todo:
             log(f"{label}: window {i + 1}/{args.windows}...")
             record = run_window(model, windows[i], args)
@@ -508,7 +516,8 @@ def run_cases(hf, tokenizer, task: str, args: argparse.Namespace, results: dict,
         if not todo:
             log(f"{label}: all {len(cases)} cases done, skipped")
             continue
-        model = timed_transform(hf, method, budget, args, label)
+        prompts = [torch.tensor(case.prompt) for case in cases]
+        model = timed_transform(hf, method, budget, args, label, tokenizer, prompts)
         for n, case in enumerate(todo, 1):
             answer = answer_case(model, tokenizer, case)
             record = dataclasses.asdict(answer) | {
@@ -750,8 +759,10 @@ def cells_to_run(args: argparse.Namespace) -> list[tuple[str, Budget]]:
 
 
 def method_options(options: dict) -> dict:
-    """A spec's options that are the method's (not transform's, not the storage's)."""
-    return {k: v for k, v in options.items() if k not in TRANSFORM_OPTIONS and "." not in k}
+    """A spec's options that are the method's (not transform's, not the storage's, not the
+    calibration's)."""
+    return {k: v for k, v in options.items()
+            if k not in (*TRANSFORM_OPTIONS, CALIBRATE) and "." not in k}  # fmt: skip
 
 
 def transform_options(options: dict) -> dict:
@@ -759,7 +770,7 @@ def transform_options(options: dict) -> dict:
     ``int8:group=16`` (a spec's own separator is the colon, so a storage's options carry the
     ``storage.`` prefix), the method's options as they are."""
     extra = [f"{k.removeprefix('storage.')}={v}" for k, v in options.items() if "." in k]
-    rest = {k: v for k, v in options.items() if "." not in k}
+    rest = {k: v for k, v in options.items() if "." not in k and k != CALIBRATE}
     if extra:
         rest["storage"] = ":".join([str(options.get("storage", "dense")), *extra])
     return rest
@@ -773,13 +784,19 @@ def dense_twin(label: str) -> str | None:
     _, options = parse_spec(label)
     if str(options.get("storage", "dense")) == "dense":
         return None
-    return ":".join(p for p in label.split(":") if not p.startswith("storage"))
+    parts = label.split(":")
+    return ":".join(p for p in parts if not p.startswith(("storage", f"{CALIBRATE}=")))
 
 
-def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, label: str):
+def timed_transform(hf, method: str, budget: Budget, args: argparse.Namespace, label: str,
+                    tokenizer, measured: list[torch.Tensor]):  # fmt: skip
+    """``transform`` by the spec; ``calibrate=N`` then fits the storage on ``N`` Austen tokens
+    that share no 16-token run with ``measured`` (the windows or prompts the cells score)."""
     start = time.perf_counter()
     name, options = parse_spec(method)
     model = transform(hf, name, budget, chunk_size=args.chunk_size, **transform_options(options))
+    if CALIBRATE in options:
+        model.calibrate(austen_passage(tokenizer, int(options[CALIBRATE]), measured))
     log(f"{label}: transformed in {time.perf_counter() - start:.1f} s")
     return model
 

@@ -151,6 +151,28 @@ class KVSlimModel(nn.Module):
             for layer in self.layers:
                 layer.storage.end_prompt()
 
+    def calibrate(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Fit what the storages learn from data on ``input_ids [B, L]`` (one eager pass, then
+        each storage fits; :meth:`~kvslim_fx.storage.Storage.begin_calibration`). ``lorc``: each
+        layer's bases become the principal directions of the keys and values the model
+        produced on this text (PCA of the rows, uncentred), at the ranks the schedule gave,
+        instead of the weights' singular vectors. Call before ``torch.compile`` or export (the
+        bases are the model's constants); the cache is reset."""
+        storages = [layer.storage for layer in self.layers]
+        with torch.no_grad():
+            for s in storages:
+                s.begin_calibration()
+            try:
+                self.reset(batch_size=input_ids.shape[0], prompt_len=input_ids.shape[1])
+                self(input_ids, attention_mask)
+            except BaseException:
+                for s in storages:
+                    s.end_calibration(fit=False)
+                raise
+            for s in storages:
+                s.end_calibration()
+            self.reset()
+
     def state(self) -> dict[str, tuple[Tensor, float]]:
         """Mutable decoding state by buffer name, with each buffer's value when empty."""
         fills = {id(self.seen): 0}

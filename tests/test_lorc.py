@@ -33,6 +33,14 @@ def _lorc(arch: str, ratio: float, method: str = "full", budget=None, schedule="
                     storage=f"lorc:ratio={ratio}:schedule={schedule}", **options)  # fmt: skip
 
 
+def _calibrated(arch: str, ratio: float, ids, mask=None):
+    """A fresh (not cached: calibration changes it) full-cache lorc model fitted on ``ids``."""
+    model = transform_reusing_trace(hf_model(arch), "full", chunk_size=16,
+                                    storage=f"lorc:ratio={ratio}")  # fmt: skip
+    model.calibrate(ids, mask)
+    return model
+
+
 def _rms_error(arch: str, model, steps: int = 0, seed: int = 0) -> float:
     """RMS logit error against the original model over a padded batch and ``steps`` decode
     steps (the decoded tokens fed back to the reference too)."""
@@ -229,3 +237,60 @@ def test_attend_lorc_opcheck():
         0.5, 0, 0, 0, True, 10000 ** -(torch.arange(D // 2) / (D // 2)), D, 1.0,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.kvslim.attend_lorc.default, args)
+
+
+def _rows(arch: str, ids, mask) -> dict[str, list[torch.Tensor]]:
+    """Each layer's keys (before RoPE) and values of the real tokens, ``[N, H_kv·D]`` float64:
+    what a dense cache of the whole sequence holds."""
+    model = kv_model(arch, "full", chunk_size=16, storage="dense:pre_rope=true")
+    prefill_and_decode(model, ids, mask)
+    rows = {"k": [], "v": []}
+    for layer in model.layers:
+        real = layer.pos[:, 0] >= 0  # [B, R]
+        for name, t in (("k", layer.storage.keys()), ("v", layer.storage.values())):
+            rows[name].append(t.transpose(1, 2)[real].flatten(1).double())
+    return rows
+
+
+@settings(max_examples=4, deadline=None)
+@given(arch=st.sampled_from(("llama", "qwen2", "gemma3_text")), seed=st.integers(0, 2**16))
+def test_calibrated_bases_are_the_principal_directions_of_the_rows(arch, seed):
+    """After ``calibrate``, each basis spans the rank-``r`` subspace with the least squared
+    error over the calibration text's rows (padding excluded): the error is the root of the
+    dropped eigenvalues of ``Σ rowᵀ row``, and no larger than the weights' basis leaves.
+    (Checked on the layers without a sliding window, whose dense cache holds every row.)"""
+    ids, mask = prompts(2, 40, pads=[0, 3], seed=seed)
+    model, weights = _calibrated(arch, 0.5, ids, mask), _lorc(arch, 0.5)
+    rows = _rows(arch, ids, mask)
+    for i, (layer, before) in enumerate(zip(model.layers, weights.layers, strict=True)):
+        s = layer.storage
+        assert s.calibration_tokens == int(mask.sum())
+        if s.site.window:
+            continue
+        for name in ("k", "v"):
+            x, basis = rows[name][i], getattr(s, f"basis_{name}").double()
+            assert basis.shape == getattr(before.storage, f"basis_{name}").shape
+            eig = torch.linalg.eigvalsh(x.T @ x)  # ascending
+            best = float(eig[: -basis.shape[1]].clamp_min(0).sum().sqrt())
+            err = float((x - x @ basis @ basis.T).norm())
+            assert math.isclose(err, best, rel_tol=1e-3, abs_tol=1e-4 * float(x.norm()))
+            w = getattr(before.storage, f"basis_{name}").double()
+            assert err <= float((x - x @ w @ w.T).norm()) * (1 + 1e-6) + 1e-9
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_calibrated_full_rank_is_the_original_model(arch):
+    model = _calibrated(arch, 1.0, *prompts(1, 24, seed=7))
+    assert _rms_error(arch, model, steps=3) < 1e-5
+
+
+def test_calibration_restores_the_bases_when_its_pass_fails_and_dense_refuses():
+    model = transform_reusing_trace(hf_model("llama"), "full", storage="lorc")
+    before = [layer.storage.basis_k.clone() for layer in model.layers]
+    with pytest.raises(KVSlimError, match="vocab"):
+        model.calibrate(torch.full((1, 8), 10**6))
+    for layer, basis in zip(model.layers, before, strict=True):
+        assert torch.equal(layer.storage.basis_k, basis)
+        assert layer.storage.calibration_tokens == 0
+    with pytest.raises(KVSlimError, match="storage 'dense' learns nothing from data"):
+        kv_model("llama").calibrate(torch.zeros(1, 4, dtype=torch.long))

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hf_model, prompts, smallest_budget
+from helpers import hf_model, prompts, smallest_budget, transform_reusing_trace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -79,7 +79,7 @@ def reference(name: str, probs: torch.Tensor, kv_heads: int) -> list[set[int]]:
 @pytest.mark.parametrize("name", ["snapkv", "tova", "h2o"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_kept_tokens_are_the_methods_choice_by_the_prompts_last_queries(name, seed):
-    model = kvslim_fx.transform(
+    model = transform_reusing_trace(
         hf_model("llama"), name, BUDGET, chunk_size=32, prefill="full", prefill_window=WINDOW
     )
     ids, mask = prompts(1, PROMPT, seed=seed)
@@ -97,10 +97,12 @@ def test_the_kept_tokens_are_the_methods_choice_by_the_prompts_last_queries(name
 
 
 def test_streaming_keeps_its_sinks_and_the_newest_tokens_in_their_ring_slots():
-    model = kvslim_fx.transform(hf_model("llama"), "streaming", BUDGET, prefill="full")
+    model = transform_reusing_trace(
+        hf_model("llama"), "streaming", BUDGET, chunk_size=512, prefill="full"
+    )
     ids, mask = prompts(1, PROMPT, seed=3)
     out = kvslim_fx.generate(model, ids, mask, max_new_tokens=5, eos_token_id=[])
-    bounded = kvslim_fx.transform(hf_model("llama"), "streaming", BUDGET)
+    bounded = transform_reusing_trace(hf_model("llama"), "streaming", BUDGET, chunk_size=512)
     ref = kvslim_fx.generate(bounded, ids, mask, max_new_tokens=5, eos_token_id=[])
     for layer, other in zip(model.layers, bounded.layers, strict=True):
         # After the prompt and 5 decode steps both hold the same tokens in the same slots.
@@ -124,7 +126,7 @@ def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, lengt
                                                        seed):  # fmt: skip
     # generate sizes the cache for the padded width: length + the widest padding + steps.
     budget = max(budget, smallest_budget(name, {}, length + max(pads) + steps))
-    model = kvslim_fx.transform(hf_model(arch), name, budget, chunk_size=16, prefill="full")
+    model = transform_reusing_trace(hf_model(arch), name, budget, chunk_size=16, prefill="full")
     ids, mask = prompts(len(pads), length + max(pads), [p for p in pads], seed=seed)
     out = kvslim_fx.generate(model, ids, mask, max_new_tokens=steps, eos_token_id=[])
     assert not model.prompt_pending
@@ -148,7 +150,9 @@ def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, lengt
 
 
 def test_kvslimmer_merges_the_prompt_in_rounds_of_disjoint_pairs():
-    model = kvslim_fx.transform(hf_model("llama"), "kvslimmer", BUDGET, prefill="full")
+    model = transform_reusing_trace(
+        hf_model("llama"), "kvslimmer", BUDGET, chunk_size=512, prefill="full"
+    )
     ids, mask = prompts(1, PROMPT, seed=4)
     kvslim_fx.generate(model, ids, mask, max_new_tokens=1, eos_token_id=[])
     for layer in model.layers:
@@ -161,10 +165,10 @@ def test_kvslimmer_merges_the_prompt_in_rounds_of_disjoint_pairs():
 
 def test_a_sequence_the_budget_covers_is_exactly_full():
     ids, mask = prompts(2, 30, [0, 5], seed=5)
-    full = kvslim_fx.transform(hf_model("llama"), "full")
+    full = transform_reusing_trace(hf_model("llama"), "full", chunk_size=512)
     ref = kvslim_fx.generate(full, ids, mask, max_new_tokens=6, eos_token_id=[])
     for name in ("kvslimmer", "snapkv"):
-        model = kvslim_fx.transform(hf_model("llama"), name, 64, prefill="full")
+        model = transform_reusing_trace(hf_model("llama"), name, 64, chunk_size=512, prefill="full")
         assert torch.equal(kvslim_fx.generate(model, ids, mask, max_new_tokens=6, eos_token_id=[]),
                            ref)  # fmt: skip
         assert not model.prompt_pending

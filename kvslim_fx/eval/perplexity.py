@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,23 @@ def austen_windows(
         start = lo + int(torch.randint(hi - lo, (1,), generator=g))
         windows.append(ids[start : start + length].unsqueeze(0))
     return windows
+
+
+def austen_passage(tokenizer, length: int, avoid: Sequence[Tensor] = (), ngram: int = 16) -> Tensor:
+    """``[1, length]`` consecutive Austen tokens that share no ``ngram``-token run with any of
+    ``avoid`` (the windows or prompts being measured): calibration text from the measured
+    text's distribution, held out from it. Deterministic: the first such run scanning the
+    books from the last backwards, in steps of ``length`` from each book's end."""
+    seen = set()
+    for ids in avoid:
+        flat = ids.reshape(-1).tolist()
+        seen.update(tuple(flat[i : i + ngram]) for i in range(len(flat) - ngram + 1))
+    for ids in reversed(list(austen_tokens(tokenizer).values())):
+        for end in range(len(ids), length - 1, -length):
+            run = ids[end - length : end]
+            if not any(tuple(run[i : i + ngram]) in seen for i in range(length - ngram + 1)):
+                return torch.tensor(run, dtype=torch.long)[None]
+    raise ValueError(f"no {length}-token Austen passage avoids the given text")
 
 
 @torch.no_grad()

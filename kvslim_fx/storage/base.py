@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import KVSlimError
 from ..kernels.attention import window_mass  # (importing it registers kvslim::attend)
 from ..kernels.run_merge import rope_rotate
 from ..kernels.slots import gather_slots
@@ -89,6 +90,16 @@ class Storage(nn.Module):
     def end_prompt(self) -> None:
         """Runs once after the prompt's last chunk, after a question-aware prefill compressed the
         cache (positions in the cache's ``pos``). Default: nothing to do."""
+
+    def begin_calibration(self) -> None:
+        """Start recording what :meth:`end_calibration` fits (``KVSlimModel.calibrate`` calls
+        both around one eager pass). A storage that learns nothing from data refuses."""
+        raise KVSlimError(f"storage {self.name!r} learns nothing from data: calibrate() serves "
+                          "storages that do, such as lorc")  # fmt: skip
+
+    def end_calibration(self, fit: bool = True) -> None:
+        """Stop recording; ``fit``: fit from what was recorded since :meth:`begin_calibration`,
+        else (the pass failed) restore what was there before."""
 
     @property
     def has_prompt_hook(self) -> bool:

@@ -118,6 +118,9 @@ class LoRC(Storage):
                 raise KVSlimError("lorc needs the layer's projections (transform provides them)")
             _, sigma, vh = torch.linalg.svd(proj.augmented(), full_matrices=False)
             self._svd[name] = (sigma, vh)
+        # Tokens the bases were fitted on (KVSlimModel.calibrate); 0: from the weights.
+        self.calibration_tokens = 0
+        self._gram: dict[str, Tensor] | None = None
         self.basis_k = nn.Parameter(torch.empty(0), requires_grad=False)
         self.basis_v = nn.Parameter(torch.empty(0), requires_grad=False)
         self.register_buffer("ck", torch.empty(0), persistent=False)
@@ -156,6 +159,40 @@ class LoRC(Storage):
         for s in storages:
             s._svd = {}
 
+    def begin_calibration(self) -> None:
+        # Identity bases of the full width while recording: the latents are the rows, so the
+        # pass sees the model's own activations, not those of the ranks being fitted.
+        self._fitting = {"k": self.rank_k, "v": self.rank_v}
+        self._before = (self.basis_k.data, self.basis_v.data)
+        eye = torch.eye(self.width, device=self.basis_k.device)
+        self.basis_k.data, self.basis_v.data = eye, eye.clone()
+        self._gram = {n: torch.zeros(self.width, self.width, dtype=torch.float64,
+                                     device=eye.device) for n in "kv"}  # fmt: skip
+        self._tokens = 0
+
+    def _record(self, k: Tensor, v: Tensor, kv_pos: Tensor) -> None:
+        """Add a step's real tokens (``kv_pos >= 0``) to the Gram matrices ``Σ rowᵀ row``
+        ``[H_kv·D, H_kv·D]`` (float64)."""
+        real = (kv_pos >= 0).reshape(-1)
+        for name, rows in (("k", k), ("v", v)):
+            B, H, L, D = rows.shape
+            flat = rows.transpose(1, 2).reshape(B * L, H * D)[real].double()
+            self._gram[name] += flat.T @ flat
+        self._tokens += int(real.sum())
+
+    def end_calibration(self, fit: bool = True) -> None:
+        """``fit``: each basis becomes the leading eigenvectors of its Gram matrix, at the rank
+        the schedule gave (the rank-``r`` subspace with the least squared error over the
+        recorded rows); else the bases from before."""
+        if fit:
+            for name, rank in self._fitting.items():
+                _, vectors = torch.linalg.eigh(self._gram[name])  # ascending eigenvalues
+                getattr(self, f"basis_{name}").data = vectors[:, -rank:].flip(-1).float()
+            self.calibration_tokens = self._tokens
+        else:
+            self.basis_k.data, self.basis_v.data = self._before
+        self._gram = None
+
     @property
     def rank_k(self) -> int:
         return self.basis_k.shape[-1]
@@ -165,10 +202,13 @@ class LoRC(Storage):
         return self.basis_v.shape[-1]
 
     def diagnostics(self) -> dict[str, float]:
-        return {"rank_k": self.rank_k, "rank_v": self.rank_v}
+        return {"rank_k": self.rank_k, "rank_v": self.rank_v,
+                "calibration_tokens": self.calibration_tokens}  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"rank_k={self.rank_k}, rank_v={self.rank_v} of {self.width}"
+        source = f"{self.calibration_tokens} calibration tokens" if self.calibration_tokens \
+            else "the weights"  # fmt: skip
+        return f"rank_k={self.rank_k}, rank_v={self.rank_v} of {self.width}, bases from {source}"
 
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         for name, rank in (("ck", self.rank_k), ("cv", self.rank_v)):
@@ -219,6 +259,8 @@ class LoRC(Storage):
             setattr(self, name, torch.cat([kept, torch.zeros_like(kept[:, :, :1])], dim=2))
 
     def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
+        if self._gram is not None:
+            self._record(k, v, kv_pos)
         s, rope = self.site, self.rope if self.rotates_at_read else None
         k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
         return torch.ops.kvslim.attend_lorc(
