@@ -17,7 +17,10 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported (kvslim_fx.kernels imports it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# The cores are shared by the pytest-xdist workers (scripts/test runs two).
+torch.set_num_threads(
+    max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+)
 
 # The compile and export tests check what Inductor generates (one graph, no recompiles, the
 # eager tokens), not how well a C++ compiler optimises it: -O0 instead of -O3 takes about a

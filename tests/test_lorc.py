@@ -117,6 +117,14 @@ def test_half_the_width_costs_at_most_0_52_of_the_dense_cache():
     assert sum(k + v for k, v in ranks) == len(ranks) * width  # half of 2·width per layer
     assert "rank_k=" in repr(lorc)
     assert [(d["rank_k"], d["rank_v"]) for d in lorc.diagnostics()] == ranks
+    # key_share moves numbers from keys to values at the same bytes.
+    split = transform_reusing_trace(
+        hf, "streaming", 32, chunk_size=16, storage="lorc:ratio=0.5:key_share=0.25:schedule=uniform"
+    )
+    split.reset(batch_size=2, max_length=64)
+    assert split.cache_bytes() == lorc.cache_bytes()
+    assert [(layer.storage.rank_k, layer.storage.rank_v) for layer in split.layers] == \
+        [(width // 4, width - width // 4)] * len(ranks)  # fmt: skip
 
 
 @pytest.mark.parametrize("prefill", ["bounded", "full"])
@@ -154,9 +162,11 @@ def test_a_projection_it_cannot_read_is_refused_naming_the_layer():
         transform_reusing_trace(hf_model("gpt_neox"), "full", storage="lorc")
 
 
-@pytest.mark.parametrize("options", ["ratio=0", "ratio=1.5", "schedule=steep"])
+@pytest.mark.parametrize(
+    "options", ["ratio=0", "ratio=1.5", "schedule=steep", "key_share=0", "key_share=1"]
+)
 def test_bad_options_are_refused(options):
-    with pytest.raises(KVSlimError, match=r"lorc: (ratio|schedule)"):
+    with pytest.raises(KVSlimError, match=r"lorc: (ratio|schedule|key_share)"):
         transform_reusing_trace(hf_model("llama"), "full", storage=f"lorc:{options}")
 
 

@@ -22,7 +22,14 @@ Ranks per layer (``schedule``): ``"uniform"`` gives every layer ``round(ratio ·
 from the deepest layer up (``C_l = Σ_{j ≥ l} log κ_j``, ``κ = σ_max / σ_min`` of ``M``; an
 error in a shallow layer passes through every later one): ranks proportional to
 ``1 + (C_l − min C) / (max C − min C)``, keys and values each, with the same total as uniform.
-LoRC's exact formula is unpublished; this is the rule its abstract describes.
+LoRC's exact formula is unpublished; this is the rule its abstract describes. ``key_share``
+splits the ``2 · ratio · H_kv·D`` numbers a layer keeps per token between keys and values
+(0.5: half each, LoRC's setting; each capped at the full width).
+
+``KVSlimModel.calibrate`` replaces the weights' singular vectors by the principal directions of
+the keys and values the model produces on a text (uncentred PCA of the rows, at the same ranks):
+the tokens a model sees occupy a small part of the input space, which the weights' SVD treats
+as uniform.
 
 Models that normalise keys per head after the projection (Gemma3, Qwen3, OLMo2) get the basis of
 the projection before the norm: exact at full rank, an approximation below it
@@ -97,7 +104,7 @@ class LoRC(Storage):
     needs_projections = True
 
     def __init__(self, site, rope=None, ratio: float = 0.5, schedule: str = "progressive",
-                 **base) -> None:  # fmt: skip
+                 key_share: float = 0.5, **base) -> None:  # fmt: skip
         super().__init__(site, rope, **base)
         if not self.pre_rope:
             raise KVSlimError("lorc: keys are kept before RoPE (the basis spans un-rotated keys); "
@@ -108,7 +115,11 @@ class LoRC(Storage):
         if schedule not in SCHEDULES:
             raise KVSlimError(f"lorc: schedule must be one of {', '.join(SCHEDULES)}, "
                               f"got {schedule!r}")  # fmt: skip
-        self.ratio, self.schedule = float(ratio), schedule
+        if isinstance(key_share, bool) or not isinstance(key_share, int | float) \
+                or not 0 < key_share < 1:  # fmt: skip
+            raise KVSlimError(f"lorc: key_share must lie in (0, 1) (the keys' part of the numbers "
+                              f"kept per token), got {key_share!r}")  # fmt: skip
+        self.ratio, self.schedule, self.key_share = float(ratio), schedule, float(key_share)
         self.width = site.num_kv_heads * site.head_dim
         # Singular values and right singular vectors of each map (float64), kept until the
         # ranks are known (finish_layers).
@@ -143,9 +154,12 @@ class LoRC(Storage):
 
     @classmethod
     def finish_layers(cls, storages: list[LoRC]) -> None:
+        kept = [round(2 * s.ratio * s.width) for s in storages]  # numbers per token, K and V
+        keys = [round(n * s.key_share) for n, s in zip(kept, storages, strict=True)]
+        totals = {"k": sum(keys), "v": sum(kept) - sum(keys)}
         for name in ("k", "v"):
             caps = [len(s._svd[name][0]) for s in storages]
-            total = sum(round(s.ratio * s.width) for s in storages)
+            total = totals[name]
             if storages[0].schedule == "uniform":
                 weights = [1.0] * len(storages)
             else:
@@ -274,4 +288,5 @@ class LoRC(Storage):
         return sum(t[:, :, :1].numel() * t.element_size() for t in (self.ck, self.cv))
 
     def options(self) -> dict:
-        return {**super().options(), "ratio": self.ratio, "schedule": self.schedule}
+        return {**super().options(), "ratio": self.ratio, "schedule": self.schedule,
+                "key_share": self.key_share}  # fmt: skip
