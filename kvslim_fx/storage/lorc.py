@@ -176,8 +176,8 @@ class LoRC(Storage):
     def begin_calibration(self) -> None:
         # Identity bases of the full width while recording: the latents are the rows, so the
         # pass sees the model's own activations, not those of the ranks being fitted.
-        self._fitting = {"k": self.rank_k, "v": self.rank_v}
-        self._before = (self.basis_k.data, self.basis_v.data)
+        # The bases to restore if the pass fails; their widths are the ranks to fit.
+        self._before = {"k": self.basis_k.data, "v": self.basis_v.data}
         eye = torch.eye(self.width, device=self.basis_k.device)
         self.basis_k.data, self.basis_v.data = eye, eye.clone()
         self._gram = {n: torch.zeros(self.width, self.width, dtype=torch.float64,
@@ -198,13 +198,14 @@ class LoRC(Storage):
         """``fit``: each basis becomes the leading eigenvectors of its Gram matrix, at the rank
         the schedule gave (the rank-``r`` subspace with the least squared error over the
         recorded rows); else the bases from before."""
-        if fit:
-            for name, rank in self._fitting.items():
+        for name, before in self._before.items():
+            basis = before
+            if fit:
                 _, vectors = torch.linalg.eigh(self._gram[name])  # ascending eigenvalues
-                getattr(self, f"basis_{name}").data = vectors[:, -rank:].flip(-1).float()
+                basis = vectors[:, -before.shape[-1] :].flip(-1).float()
+            getattr(self, f"basis_{name}").data = basis
+        if fit:
             self.calibration_tokens = self._tokens
-        else:
-            self.basis_k.data, self.basis_v.data = self._before
         self._gram = None
 
     @property
