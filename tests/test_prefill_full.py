@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import kvslim_fx
 from kvslim_fx import KVSlimError
+from kvslim_fx.transform import DEFAULT_CHUNK
 
 WINDOW = 8  # prefill_window of these tests
 PROMPT, BUDGET = 100, 40
@@ -98,11 +99,13 @@ def test_the_kept_tokens_are_the_methods_choice_by_the_prompts_last_queries(name
 
 def test_streaming_keeps_its_sinks_and_the_newest_tokens_in_their_ring_slots():
     model = transform_reusing_trace(
-        hf_model("llama"), "streaming", BUDGET, chunk_size=512, prefill="full"
+        hf_model("llama"), "streaming", BUDGET, chunk_size=DEFAULT_CHUNK, prefill="full"
     )
     ids, mask = prompts(1, PROMPT, seed=3)
     out = kvslim_fx.generate(model, ids, mask, max_new_tokens=5, eos_token_id=[])
-    bounded = transform_reusing_trace(hf_model("llama"), "streaming", BUDGET, chunk_size=512)
+    bounded = transform_reusing_trace(
+        hf_model("llama"), "streaming", BUDGET, chunk_size=DEFAULT_CHUNK
+    )
     ref = kvslim_fx.generate(bounded, ids, mask, max_new_tokens=5, eos_token_id=[])
     for layer, other in zip(model.layers, bounded.layers, strict=True):
         # After the prompt and 5 decode steps both hold the same tokens in the same slots.
@@ -151,7 +154,7 @@ def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, lengt
 
 def test_kvslimmer_merges_the_prompt_in_rounds_of_disjoint_pairs():
     model = transform_reusing_trace(
-        hf_model("llama"), "kvslimmer", BUDGET, chunk_size=512, prefill="full"
+        hf_model("llama"), "kvslimmer", BUDGET, chunk_size=DEFAULT_CHUNK, prefill="full"
     )
     ids, mask = prompts(1, PROMPT, seed=4)
     kvslim_fx.generate(model, ids, mask, max_new_tokens=1, eos_token_id=[])
@@ -165,10 +168,12 @@ def test_kvslimmer_merges_the_prompt_in_rounds_of_disjoint_pairs():
 
 def test_a_sequence_the_budget_covers_is_exactly_full():
     ids, mask = prompts(2, 30, [0, 5], seed=5)
-    full = transform_reusing_trace(hf_model("llama"), "full", chunk_size=512)
+    full = transform_reusing_trace(hf_model("llama"), "full", chunk_size=DEFAULT_CHUNK)
     ref = kvslim_fx.generate(full, ids, mask, max_new_tokens=6, eos_token_id=[])
     for name in ("kvslimmer", "snapkv"):
-        model = transform_reusing_trace(hf_model("llama"), name, 64, chunk_size=512, prefill="full")
+        model = transform_reusing_trace(
+            hf_model("llama"), name, 64, chunk_size=DEFAULT_CHUNK, prefill="full"
+        )
         assert torch.equal(kvslim_fx.generate(model, ids, mask, max_new_tokens=6, eos_token_id=[]),
                            ref)  # fmt: skip
         assert not model.prompt_pending
