@@ -7,7 +7,11 @@ tokens), neither of which ever materialises the concatenation:
   a block of the ``M = G * L`` query rows of one ``(batch, KV head)``: the ``G`` query heads
   sharing a KV head are stacked along the row axis (row ``r`` is head ``r // L``, token
   ``r % L``), so each key block is loaded once for the whole group. It also saves the per-row
-  log-sum-exp.
+  log-sum-exp. Decoding one token gives only ``B · H_kv`` such programs (3 for SmolLM2 at batch
+  1, on a GPU with 132 SMs), so the keys are split too (flash-decoding, :func:`split_keys`):
+  each split writes its partial output and log-sum-exp, and :func:`combine_splits` weighs them
+  by ``exp(lse_s − lse)``. 16-bit inputs are multiplied in their dtype with fp32 accumulation
+  (``p`` rounded to it before ``p·v``, as FlashAttention); fp32 inputs in true fp32.
 * ``_attend_mass``: one program per block of keys; it recomputes the probabilities from the saved
   log-sum-exp and sums them over all rows itself, so the column sums need no atomics and are
   deterministic.
@@ -66,8 +70,9 @@ def _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L):
 
 @triton.jit
 def _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION: tl.constexpr):
-    """Biased logits ``[BLOCK_M, BLOCK_N]`` in fp32, ``-inf`` where the key is not visible."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + bias[None, :]
+    """Biased logits ``[BLOCK_M, BLOCK_N]`` in fp32, ``-inf`` where the key is not visible; the
+    keys are cast to the queries' dtype for the dot (fp32 accumulation)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale + bias[None, :]
     qp = q_pos[:, None]
     kp = k_pos[None, :]
     dist = qp - kp
@@ -78,8 +83,11 @@ def _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION
 
 
 @triton.jit
-def _load_queries(q_ptr, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D):
-    """Query rows ``offs_m`` of one KV group (row = head ``r // L``, token ``r % L``) and positions.
+def _load_queries(
+    q_ptr, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D, NATIVE: tl.constexpr
+):  # fmt: skip
+    """Query rows ``offs_m`` of one KV group (row = head ``r // L``, token ``r % L``) and positions:
+    in their own dtype where ``NATIVE`` (16-bit dots), else in fp32.
 
     Rows past ``G * L`` get position ``-1``: they see nothing and need no further masking.
     """
@@ -87,7 +95,9 @@ def _load_queries(q_ptr, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L
     g = offs_m // L
     t = offs_m % L
     ptrs = q_ptr + g[:, None] * sq_h + t[:, None] * sq_l + offs_d[None, :] * sq_d
-    q = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    q = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if not NATIVE:
+        q = q.to(tl.float32)
     q_pos = tl.load(qpos_ptr + t * sqp_l, mask=row_ok, other=-1)
     return q, q_pos
 
@@ -105,15 +115,20 @@ def _attend_fwd(
     scl_b, scl_h, scl_n,
     scp_b, scp_h, scp_n,
     sqp_b, sqp_l,
-    so_b, so_h, so_l, so_d,
+    so_s, so_b, so_h, so_l, so_d,
+    slse_s, keys_per_split,
     H_kv, G, L, C, D,
     scale, window, sink, recent,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(m, b·H_kv + h, s)``: rows block ``m`` over the keys of split ``s``
+    (``[s · keys_per_split, (s + 1) · keys_per_split)``), its output and log-sum-exp written at
+    ``OUT + s · so_s``, ``LSE + s · slse_s`` (one split: the final ones)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H_kv
     h = tl.program_id(1) % H_kv
+    split = tl.program_id(2)
     # 64-bit base offsets: a large cache overflows int32 element offsets.
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -121,8 +136,9 @@ def _attend_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     qpos_ptr = QPOS + b64 * sqp_b
     q, q_pos = _load_queries(
-        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D
-    )
+        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
+        NATIVE,
+    )  # fmt: skip
     k_base = K + b64 * sk_b + h64 * sk_h
     v_base = V + b64 * sv_b + h64 * sv_h
     ck_base = CK + b64 * sck_b + h64 * sck_h
@@ -135,7 +151,8 @@ def _attend_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, C + L, BLOCK_N):
+    lo = split * keys_per_split
+    for start in range(lo, tl.minimum(lo + keys_per_split, C + L), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_rows(ck_base, cks_base, k_base, sck_n, sck_d, scks_n, scks_g, sk_l, sk_d,
                        offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
@@ -150,7 +167,8 @@ def _attend_fwd(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(cv_base, cvs_base, v_base, scv_n, scv_d, scvs_n, scvs_g, sv_l, sv_d,
                        offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        p_v = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + p_v
         m_i = m_new
 
     seen = l_i > 0
@@ -159,12 +177,13 @@ def _attend_fwd(
     t = offs_m % L
     row_ok = offs_m < G * L
     o_ptrs = (
-        OUT + b64 * so_b + (h64 * G + g[:, None]) * so_h + t[:, None] * so_l
-        + offs_d[None, :] * so_d
+        OUT + split.to(tl.int64) * so_s + b64 * so_b + (h64 * G + g[:, None]) * so_h
+        + t[:, None] * so_l + offs_d[None, :] * so_d
     )  # fmt: skip
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + (b64 * H_kv + h64) * G * L + offs_m, lse, mask=row_ok)
+    lse_ptrs = LSE + split.to(tl.int64) * slse_s + (b64 * H_kv + h64) * G * L + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -180,7 +199,7 @@ def _attend_mass(
     H_kv, G, L, C, D,
     scale, window, sink, recent,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // H_kv
@@ -205,7 +224,8 @@ def _attend_mass(
     col = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, G * L, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D)
+        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
+                                 NATIVE)  # fmt: skip
         s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
         lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
         # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
@@ -217,6 +237,53 @@ def _attend_mass(
 def _block(n: int, lo: int, hi: int) -> int:
     """Power-of-2 block covering ``n`` clamped to ``[lo, hi]`` (``tl.dot`` needs >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+# A split reads at least this many key blocks: fewer would spend more on combining the splits
+# than the extra programs gain.
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+def _native(*tensors: Tensor) -> bool:
+    """Dots in the inputs' own dtype (fp32 accumulation): all of them bf16, or all fp16.
+
+    Not bf16 under the interpreter: triton 3.9's interpreter multiplies bf16 operands as their
+    raw 16-bit patterns (``create_dot`` on uint16 storage), so there bf16 takes the fp32 path and
+    fp16, whose dots it computes, checks the native one (the same code for both dtypes)."""
+    dtype = tensors[0].dtype
+    native = (torch.float16,) if _INTERPRETED else (torch.float16, torch.bfloat16)
+    return dtype in native and all(t.dtype == dtype for t in tensors)
+
+
+def split_keys(
+    blocks: int, programs: int, device: torch.device, splits: int | None
+) -> tuple[int, int]:
+    """``(splits, blocks per split)`` for ``blocks`` key blocks and ``programs`` row programs
+    (flash-decoding): enough splits for two programs per SM when the rows alone leave the GPU
+    idle (decoding one token: ``B · H_kv`` programs), each at least ``MIN_BLOCKS_PER_SPLIT``
+    blocks. ``splits`` forces a count (tests; the interpreter has no SMs). One split off CUDA and
+    for symbolic shapes (a compiled graph keeps one launch for every length)."""
+    if splits is None:
+        symbolic = any(isinstance(n, torch.SymInt) for n in (blocks, programs))
+        if device.type != "cuda" or symbolic:
+            return 1, max(blocks, 1)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = min(triton.cdiv(2 * sms, max(programs, 1)),
+                     triton.cdiv(blocks, MIN_BLOCKS_PER_SPLIT))  # fmt: skip
+    per_split = triton.cdiv(max(blocks, 1), max(splits, 1))
+    return triton.cdiv(max(blocks, 1), per_split), per_split
+
+
+def combine_splits(part: Tensor, lse: Tensor, G: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The splits' outputs ``part [S, B, H_q, L, D]`` (fp32, each normalised over its keys) and
+    log-sum-exps ``lse [S, B, H_kv, G·L]`` → ``out [B, H_q, L, D]`` in ``dtype`` and the total
+    log-sum-exp ``[B, H_kv, G·L]``. A split whose keys a row cannot see has ``lse = -inf``
+    (weight 0); a row that sees nothing stays 0."""
+    total = torch.logsumexp(lse, dim=0)
+    weight = torch.exp(lse - torch.where(torch.isfinite(total), total, 0))
+    S, B, H_kv, M = lse.shape
+    weight = weight.view(S, B, H_kv * G, M // G, 1)
+    return (part * weight).sum(0).to(dtype), total
 
 
 def _config(M: int, N: int, D: int, fp32: bool) -> dict:
@@ -249,16 +316,20 @@ def attend_triton(
     return_mass: bool = False,
     cache_k_scale: Tensor | None = None,
     cache_v_scale: Tensor | None = None,
+    splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton twin of ``attend_reference`` (same arguments, same results).
 
     Args:
         q: ``[B, H_q, L, D]``; k, v: ``[B, H_kv, L, D]``; cache_k, cache_v: ``[B, H_kv, C, D]``;
         cache_logc: ``[B, H_kv, C]``; cache_pos: ``[B, H_kv, C]`` int; q_pos: ``[B, L]`` int.
-        Any strides; fp32, bf16 or fp16.
+        Any strides; fp32, bf16 or fp16 (all bf16 or all fp16: dots in that dtype with fp32
+        accumulation, as FlashAttention; else every operand in fp32).
         cache_k_scale, cache_v_scale: with int8 ``cache_k, cache_v``, their scales
         ``[B, H_kv, C, D / group]`` (row ``n``'s channel ``d`` is ``code · scale[n, d // group]``,
-        dequantised as it is loaded); ``None`` for a cache in the model's dtype.
+        dequantised as it is loaded, then rounded to ``q``'s dtype as the reference does);
+        ``None`` for a cache in the model's dtype.
+        splits: key splits (:func:`split_keys`; None: chosen from the device).
     Returns:
         ``out [B, H_q, L, D]`` in ``q.dtype`` and ``mass [B, H_kv, C + L]`` float32 (``[0]``
         when ``return_mass`` is false).
@@ -266,30 +337,37 @@ def attend_triton(
     B, H_q, L, D = q.shape
     H_kv, C = k.shape[1], cache_k.shape[2]
     G = H_q // H_kv
-    # Operands are upcast to fp32 in-kernel. 16-bit values are exact in TF32, so TF32 tensor-core
-    # dots lose nothing on q.k for them (p is rounded to TF32 for p.v, finer than a bf16 p);
-    # any fp32 input needs true fp32 dots, as TF32 would miss the reference by ~1e-3. Dequantised
-    # int8 rows (code · scale) are not 16-bit values: TF32 rounds them like a 16-bit model's.
-    half = (torch.bfloat16, torch.float16)
     quantised = cache_k_scale is not None
-    fp32 = not all(t.dtype in half for t in (q, k, v) + (() if quantised else (cache_k, cache_v)))
+    native = _native(q, k, v, *(() if quantised else (cache_k, cache_v)))
     M, N = G * L, C + L
-    meta = _config(M, N, D, fp32)
+    meta = _config(M, N, D, not native)
     meta["GROUP"] = D // cache_k_scale.shape[-1] if quantised else 0
+    meta["NATIVE"] = native
     # Unquantised: any tensor stands in for the scales (GROUP = 0 never reads them).
     ks = cache_k_scale if quantised else cache_k
     vs = cache_v_scale if quantised else cache_v
-    out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
+    row_blocks = triton.cdiv(M, meta["BLOCK_M"])
+    S, per_split = split_keys(triton.cdiv(N, meta["BLOCK_N"]), row_blocks * B * H_kv, q.device,
+                              splits)  # fmt: skip
+    if S == 1:
+        out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
+        out_strides = (0, *out.stride())
+    else:
+        out = torch.empty((S, B, H_q, L, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((S, B, H_kv, M), dtype=torch.float32, device=q.device)
+        out_strides = out.stride()
     common = (H_kv, G, L, C, D, float(scale), int(window), int(sink), int(recent))
     if M > 0:
-        torch.library.wrap_triton(_attend_fwd)[(triton.cdiv(M, meta["BLOCK_M"]), B * H_kv)](
+        torch.library.wrap_triton(_attend_fwd)[(row_blocks, B * H_kv, S)](
             q, k, v, cache_k, cache_v, ks, vs, cache_logc, cache_pos, q_pos, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *cache_k.stride(), *cache_v.stride(),
             *ks.stride(), *vs.stride(),
-            *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(), *out.stride(),
-            *common, **meta,
+            *cache_logc.stride(), *cache_pos.stride(), *q_pos.stride(), *out_strides,
+            B * H_kv * M, per_split * meta["BLOCK_N"], *common, **meta,
         )  # fmt: skip
+    if S > 1:
+        out, lse = combine_splits(out, lse, G, q.dtype)
     if not return_mass:
         return out, torch.zeros(0, dtype=torch.float32, device=q.device)
     mass = torch.empty((B, H_kv, N), dtype=torch.float32, device=q.device)
@@ -302,3 +380,6 @@ def attend_triton(
         *common, **meta,
     )  # fmt: skip
     return out, mass
+
+
+_INTERPRETED = type(_attend_fwd).__name__ == "InterpretedFunction"

@@ -31,7 +31,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention_triton import _block, _config, _load_queries, _scores
+from .attention_triton import (
+    _block,
+    _config,
+    _load_queries,
+    _native,
+    _scores,
+    combine_splits,
+    split_keys,
+)
 
 __all__ = ["attend_lorc_triton"]
 
@@ -96,22 +104,28 @@ def _attend_lorc_fwd(
     scl_b, scl_h, scl_n,
     scp_b, scp_h, scp_n,
     sqp_b, sqp_l,
-    so_b, so_h, so_l, so_d,
+    so_s, so_b, so_h, so_l, so_d,
+    slse_s, keys_per_split,
     H_kv, G, L, C, D, R_K, R_V, rotary_dim,
     scale, window, sink, recent, attention_scaling,
     ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(m, b·H_kv + h, s)``: rows block ``m`` over the cache slots of split ``s``
+    (``keys_per_split`` each); the last split also reads the step's new tokens."""
     pid_m = tl.program_id(0)
     b64 = (tl.program_id(1) // H_kv).to(tl.int64)
     h64 = (tl.program_id(1) % H_kv).to(tl.int64)
+    split = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_rv = tl.arange(0, BLOCK_RV)
     qpos_ptr = QPOS + b64 * sqp_b
     q, q_pos = _load_queries(
-        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D
-    )
+        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
+        NATIVE,
+    )  # fmt: skip
     ck_base = CK + b64 * sck_b
     cv_base = CV + b64 * scv_b
     bk_base = BK + h64 * D * sbk_d
@@ -121,7 +135,8 @@ def _attend_lorc_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_latent = tl.zeros([BLOCK_M, BLOCK_RV], tl.float32)
-    for start in range(0, C, BLOCK_N):
+    lo = split * keys_per_split
+    for start in range(lo, tl.minimum(lo + keys_per_split, C), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         pos = tl.load(cpos_ptr + offs_n * scp_n, mask=offs_n < C, other=-1)
         bias = tl.load(clogc_ptr + offs_n * scl_n, mask=offs_n < C, other=0.0).to(tl.float32)
@@ -136,9 +151,11 @@ def _attend_lorc_fwd(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         lat = tl.load(cv_base + offs_n[:, None] * scv_n + offs_rv[None, :] * scv_r,
-                      mask=(offs_n[:, None] < C) & (offs_rv[None, :] < R_V),
-                      other=0.0).to(tl.float32)  # fmt: skip
-        acc_latent = acc_latent * alpha[:, None] + tl.dot(p, lat, input_precision=DOT_PRECISION)
+                      mask=(offs_n[:, None] < C) & (offs_rv[None, :] < R_V), other=0.0)  # fmt: skip
+        if not NATIVE:
+            lat = lat.to(tl.float32)
+        p_lat = tl.dot(p.to(lat.dtype), lat, input_precision=DOT_PRECISION)
+        acc_latent = acc_latent * alpha[:, None] + p_lat
         m_i = m_new
     # The head's rows of B_V map the weighted latents to values: [BLOCK_D, BLOCK_RV].
     bv = tl.load(BV + (h64 * D + offs_d[:, None]) * sbv_d + offs_rv[None, :] * sbv_r,
@@ -147,7 +164,8 @@ def _attend_lorc_fwd(
 
     k_base = K + b64 * sk_b + h64 * sk_h
     v_base = V + b64 * sv_b + h64 * sv_h
-    for start in range(0, L, BLOCK_N):
+    new_tokens = tl.where(split == tl.num_programs(2) - 1, L, 0)
+    for start in range(0, new_tokens, BLOCK_N):
         offs_t = start + tl.arange(0, BLOCK_N)
         pos = tl.load(qpos_ptr + offs_t * sqp_l, mask=offs_t < L, other=-1)
         k = _new_rows(k_base, sk_l, sk_d, offs_t, offs_d, L, D)
@@ -159,7 +177,8 @@ def _attend_lorc_fwd(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _new_rows(v_base, sv_l, sv_d, offs_t, offs_d, L, D)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        p_v = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + p_v
         m_i = m_new
 
     seen = l_i > 0
@@ -168,12 +187,13 @@ def _attend_lorc_fwd(
     t = offs_m % L
     row_ok = offs_m < G * L
     o_ptrs = (
-        OUT + b64 * so_b + (h64 * G + g[:, None]) * so_h + t[:, None] * so_l
-        + offs_d[None, :] * so_d
+        OUT + split.to(tl.int64) * so_s + b64 * so_b + (h64 * G + g[:, None]) * so_h
+        + t[:, None] * so_l + offs_d[None, :] * so_d
     )  # fmt: skip
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + (b64 * H_kv + h64) * G * L + offs_m, lse, mask=row_ok)
+    lse_ptrs = LSE + split.to(tl.int64) * slse_s + (b64 * H_kv + h64) * G * L + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -189,7 +209,7 @@ def _attend_lorc_mass(
     H_kv, G, L, C, D, R_K, rotary_dim,
     scale, window, sink, recent, attention_scaling,
     ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """Programs ``< cdiv(C, BLOCK_N)`` sum the mass of a block of cache slots; the rest, of a
     block of the step's new tokens (``mass`` columns ``C + t``)."""
@@ -221,7 +241,8 @@ def _attend_lorc_mass(
     col = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, G * L, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D)
+        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
+                                 NATIVE)  # fmt: skip
         s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
         lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
         # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
@@ -249,6 +270,7 @@ def attend_lorc_triton(
     inv_freq: Tensor | None = None,
     rotary_dim: int = 0,
     attention_scaling: float = 1.0,
+    splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton twin of ``attend_lorc_reference`` (same arguments, same results).
 
@@ -256,7 +278,8 @@ def attend_lorc_triton(
         q: ``[B, H_q, L, D]``; k, v: ``[B, H_kv, L, D]`` (k rotated); cache_ck ``[B, 1, C, r_k]``,
         cache_cv ``[B, 1, C, r_v]``; basis_k ``[H_kv·D, r_k]``, basis_v ``[H_kv·D, r_v]``;
         cache_logc, cache_pos ``[B, H_kv, C]``; q_pos ``[B, L]``; inv_freq ``[rotary_dim / 2]``
-        or None (no RoPE). Any strides; fp32, bf16 or fp16.
+        or None (no RoPE). Any strides; fp32, bf16 or fp16 (as ``attend_triton``).
+        splits: splits of the cache slots (``split_keys``; None: chosen from the device).
     Returns:
         ``out [B, H_q, L, D]`` in ``q.dtype`` and ``mass [B, H_kv, C + L]`` float32 (``[0]``
         when ``return_mass`` is false).
@@ -265,27 +288,38 @@ def attend_lorc_triton(
     H_kv, C = k.shape[1], cache_ck.shape[2]
     R_K, R_V = basis_k.shape[1], basis_v.shape[1]
     G = H_q // H_kv
-    half = (torch.bfloat16, torch.float16)
-    fp32 = not all(t.dtype in half for t in (q, k, v, cache_ck, cache_cv))
+    native = _native(q, k, v, cache_ck, cache_cv)
     M = G * L
-    meta = _config(M, max(C, L), D, fp32)
+    meta = _config(M, max(C, L), D, not native)
     meta["BLOCK_R"] = _block(R_K, 16, 64)
     meta["BLOCK_RV"] = _block(R_V, 16, 1 << 30)
+    meta["NATIVE"] = native
     rope = inv_freq is not None
     # Without RoPE any tensor stands in for the frequencies (ROPE = False never reads them).
     freq = inv_freq.to(device=q.device, dtype=torch.float32) if rope else basis_k
-    out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
+    row_blocks = triton.cdiv(M, meta["BLOCK_M"])
+    S, per_split = split_keys(triton.cdiv(C, meta["BLOCK_N"]), row_blocks * B * H_kv, q.device,
+                              splits)  # fmt: skip
+    if S == 1:
+        out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
+        out_strides = (0, *out.stride())
+    else:
+        out = torch.empty((S, B, H_q, L, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((S, B, H_kv, M), dtype=torch.float32, device=q.device)
+        out_strides = out.stride()
     latents = (cache_ck[:, 0], cache_cv[:, 0])  # [B, C, r]
     common = (float(scale), int(window), int(sink), int(recent), float(attention_scaling))
     if M > 0:
-        torch.library.wrap_triton(_attend_lorc_fwd)[(triton.cdiv(M, meta["BLOCK_M"]), B * H_kv)](
+        torch.library.wrap_triton(_attend_lorc_fwd)[(row_blocks, B * H_kv, S)](
             q, k, v, *latents, basis_k, basis_v, freq, cache_logc, cache_pos, q_pos, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *latents[0].stride(), *latents[1].stride(),
             *basis_k.stride(), *basis_v.stride(), *cache_logc.stride(), *cache_pos.stride(),
-            *q_pos.stride(), *out.stride(),
+            *q_pos.stride(), *out_strides, B * H_kv * M, per_split * meta["BLOCK_N"],
             H_kv, G, L, C, D, R_K, R_V, int(rotary_dim), *common, ROPE=rope, **meta,
         )  # fmt: skip
+    if S > 1:
+        out, lse = combine_splits(out, lse, G, q.dtype)
     if not return_mass:
         return out, torch.zeros(0, dtype=torch.float32, device=q.device)
     mass = torch.empty((B, H_kv, C + L), dtype=torch.float32, device=q.device)

@@ -8,6 +8,7 @@ tests skip rather than fail (the conftest should set it for the whole session).
 
 import math
 import os
+from functools import partial
 
 import torch
 
@@ -126,6 +127,54 @@ def test_triton_matches_reference(
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
 
 
+# Per dtype: the kernel's 16-bit dots round p to the input dtype before p·v (FlashAttention's
+# choice); the reference multiplies in fp32. fp32 must match to rounding.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+@needs_triton
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H_kv=st.integers(1, 3),
+    G=st.integers(1, 3),
+    L=st.sampled_from([1, 1, 2, 5]),
+    C=st.integers(0, 90),
+    D=st.sampled_from([8, 16]),
+    window=st.sampled_from([0, 0, 5]),
+    recent=st.sampled_from([0, 0, 6]),
+    splits=st.integers(1, 6),
+    dtype=st.sampled_from(list(TOLERANCE)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_split_kv_matches_reference(B, H_kv, G, L, C, D, window, recent, splits, dtype, seed):
+    """Split-KV (flash-decoding): each split's partial output and log-sum-exp, combined, equal
+    the reference; lengths off the block, an empty cache, all-padding rows, rows that see nothing
+    in some splits, fp32 / bf16 / fp16 with native 16-bit dots."""
+    args = _make_inputs(B, H_kv, G, L, C, D, seed, dtype=dtype)
+    want, want_mass = attend_reference(*args, D**-0.5, window, 1, recent, return_mass=True)
+    out, mass = attend_triton(*args, D**-0.5, window, 1, recent, True, splits=splits)
+    one, _ = attend_triton(*args, D**-0.5, window, 1, recent, True, splits=1)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), one.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(mass, want_mass, atol=tol, rtol=tol)
+    _assert_valid_mass(mass, args[-1], G)
+
+
+def test_split_count_follows_the_rows_and_the_blocks():
+    """Off CUDA one split; a forced count never leaves a split empty."""
+    from kvslim_fx.kernels.attention_triton import split_keys
+
+    assert split_keys(64, 3, torch.device("cpu"), None) == (1, 64)
+    assert split_keys(0, 3, torch.device("cpu"), None) == (1, 1)
+    for blocks in range(1, 40):
+        for forced in range(1, 12):
+            n, per = split_keys(blocks, 3, torch.device("cpu"), forced)
+            assert n <= forced and (n - 1) * per < blocks <= n * per
+
+
 @needs_triton
 @settings(max_examples=25, deadline=None)
 @given(
@@ -204,34 +253,35 @@ def _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype, noncont
     window=st.sampled_from([0, 0, 3]),
     sink=st.integers(0, 2),
     recent=st.sampled_from([0, 0, 4]),
-    dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16]),
+    dtype=st.sampled_from(list(TOLERANCE)),
+    splits=st.integers(1, 3),
     noncontig=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_triton_lorc_matches_reference(
-    B, H_kv, G, L, C, D, ranks, rope, window, sink, recent, dtype, noncontig, seed
+    B, H_kv, G, L, C, D, ranks, rope, window, sink, recent, dtype, splits, noncontig, seed
 ):
     """``kvslim::attend_lorc``'s kernel (keys rebuilt and rotated as loaded, values weighted as
     latents) equals the reference: cache lengths off the block, an empty cache, all-padding rows,
-    ranks past the kernel's rank block (64), partial rotary, bf16 latents. The op (rows rebuilt,
-    then ``kvslim::attend``'s CPU path) equals it too."""
+    ranks past the kernel's rank block (64), partial rotary, 16-bit latents, split slots. The op
+    (rows rebuilt, then ``kvslim::attend``'s CPU path) equals it too."""
     r_k, r_v = (max(1, round(f * H_kv * D)) for f in ranks)
     rotary_dim = {"none": 0, "full": D, "partial": D // 2}[rope]
     tensors, inv_freq = _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype,
                                      noncontig)  # fmt: skip
     args = (*tensors, D**-0.5, window, sink, recent, True, inv_freq, rotary_dim, 1.2)
     want, want_mass = attend_lorc_reference(*args)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = TOLERANCE[dtype]
     outs = {}
-    for impl in (attend_lorc_triton, torch.ops.kvslim.attend_lorc):
+    for impl in (partial(attend_lorc_triton, splits=splits), torch.ops.kvslim.attend_lorc):
         outs[impl], mass = impl(*args)
         assert outs[impl].dtype == dtype and mass.shape == (B, H_kv, C + L)
         torch.testing.assert_close(outs[impl].float(), want.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(mass, want_mass, atol=tol, rtol=tol)
     _assert_valid_mass(want_mass, tensors[-1], G)
-    out, no_mass = attend_lorc_triton(*args[:14], False, *args[15:])
+    out, no_mass = attend_lorc_triton(*args[:14], False, *args[15:], splits=splits)
     assert no_mass.shape == (0,)
-    torch.testing.assert_close(out, outs[attend_lorc_triton], atol=0, rtol=0)
+    torch.testing.assert_close(out, next(iter(outs.values())), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="PyTorch's fused CPU attention path")
