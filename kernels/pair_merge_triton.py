@@ -1,9 +1,10 @@
 """Triton twins of ``kvslim::select_pair`` and ``kvslim::merge_rows`` (see ``pair_merge.py``).
 
-* ``_select_pair``: one program per batch row. Per KV head it sorts ``(position, slot)`` packed
-  into one int64 (``tl.sort``), keeps the slot order in a scratch row, and reads each slot's
-  position-order successor from it; the edge costs of all heads are summed for the shared
-  selection, then each head takes its argmin (ties: lowest position, as ``torch.argmin``).
+* ``_select_pair``: one program per ``(batch row, KV head)``. It sorts its head's
+  ``(position, slot)`` packed into one int64 (``tl.sort``), keeps the slot order in its own
+  scratch row, and reads each slot's position-order successor from it; for the shared selection
+  it sums every head's edge costs along that order (a shared selection keeps the heads'
+  positions equal), then takes the argmin (ties: lowest position, as ``torch.argmin``).
 * ``_merge_rows``: one program per ``(batch, KV head, pair)``; it loads the pair's two rows,
   rotates the source key by the position gap (HF ``rotate_half`` layout), and writes the
   weighted sums to the pair's output row (the cache itself is only read).
@@ -56,35 +57,36 @@ def _select_pair(
     H, C, sink, recent, gamma,
     PER_HEAD: tl.constexpr, SLOT_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
     offs = tl.arange(0, BLOCK)
     in_c = offs < C
-    for h in range(H):
-        p = tl.load(pos_ptr + b * sp_b + h * sp_h + offs * sp_n, mask=in_c, other=0)
-        key = ((p + 1) << SLOT_BITS) | offs.to(tl.int64)  # empty slots (-1) sort first
-        key = tl.sort(tl.where(in_c, key, 0x7FFFFFFFFFFFFFFF))
-        tl.store(order_ptr + (b * H + h) * BLOCK + offs, key & ((1 << SLOT_BITS) - 1))
+    head_pos = pos_ptr + b * sp_b + h * sp_h
+    p = tl.load(head_pos + offs * sp_n, mask=in_c, other=0)
+    key = ((p + 1) << SLOT_BITS) | offs.to(tl.int64)  # empty slots (-1) sort first
+    key = tl.sort(tl.where(in_c, key, 0x7FFFFFFFFFFFFFFF))
+    order = order_ptr + pid * BLOCK
+    tl.store(order + offs, key & ((1 << SLOT_BITS) - 1))
     tl.debug_barrier()
 
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    idx, nxt, edge, valid = _sorted_edges(
+        head_pos, score_ptr + b * ss_b + h * ss_h, order, sp_n, ss_n, offs, C, sink, recent, gamma
+    )
     if not PER_HEAD:
-        for h in range(H):
-            _, _, edge, _ = _sorted_edges(
-                pos_ptr + b * sp_b + h * sp_h, score_ptr + b * ss_b + h * ss_h,
-                order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent, gamma,
+        # A shared selection keeps every head's positions equal: this head's order serves all.
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for other in range(H):
+            _, _, other_edge, _ = _sorted_edges(
+                head_pos, score_ptr + b * ss_b + other * ss_h, order, sp_n, ss_n, offs, C, sink,
+                recent, gamma,
             )  # fmt: skip
-            total += edge
-        total = total / H
-    for h in range(H):
-        idx, nxt, edge, valid = _sorted_edges(
-            pos_ptr + b * sp_b + h * sp_h, score_ptr + b * ss_b + h * ss_h,
-            order_ptr + (b * H + h) * BLOCK, sp_n, ss_n, offs, C, sink, recent, gamma,
-        )  # fmt: skip
-        cost = tl.where(valid, edge if PER_HEAD else total, float("inf"))
-        best = tl.argmin(cost, 0)
-        tl.store(first_ptr + b * H + h, _pick(idx, offs, best))
-        tl.store(second_ptr + b * H + h, _pick(nxt, offs, best))
-        tl.store(ok_ptr + b * H + h, (tl.min(cost, 0) < float("inf")).to(tl.int8))
+            total += other_edge
+        edge = total / H
+    cost = tl.where(valid, edge, float("inf"))
+    best = tl.argmin(cost, 0)
+    tl.store(first_ptr + pid, _pick(idx, offs, best))
+    tl.store(second_ptr + pid, _pick(nxt, offs, best))
+    tl.store(ok_ptr + pid, (tl.min(cost, 0) < float("inf")).to(tl.int8))
 
 
 def select_pair_triton(
@@ -97,7 +99,7 @@ def select_pair_triton(
     first = torch.empty((B, H), dtype=torch.int64, device=pos.device)
     second = torch.empty_like(first)
     ok = torch.empty((B, H), dtype=torch.int8, device=pos.device)
-    torch.library.wrap_triton(_select_pair)[(B,)](
+    torch.library.wrap_triton(_select_pair)[(B * H,)](
         pos, score, order, first, second, ok, *pos.stride(), *score.stride(),
         H, C, int(sink), int(recent), float(gamma),
         PER_HEAD=bool(per_head), SLOT_BITS=_SLOT_BITS, BLOCK=BLOCK,
