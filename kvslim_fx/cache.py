@@ -112,9 +112,8 @@ class LayerCache(nn.Module):
         """Bytes of the ``capacity`` slots (the storage's rows and the per-slot state; the trash
         slot excluded)."""
         state = [getattr(self, n) for n in self.slot_state]
-        per_slot = self.storage.slot_bytes() + sum(t[:, :, :1].numel() * t.element_size()
-                                                   for t in state)  # fmt: skip
-        return per_slot * self.capacity
+        per_slot = sum(t[:, :, :1].numel() * t.element_size() for t in state)
+        return self.storage.nbytes(self.capacity) + per_slot * self.capacity
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_pos: Tensor) -> Tensor:
         """``q [B, H_q, L, D]``, ``k, v [B, H_kv, L, D]``, ``kv_pos [B, L]`` → ``[B, H_q, L, D]``"""

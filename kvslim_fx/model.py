@@ -149,7 +149,7 @@ class KVSlimModel(nn.Module):
                 self.chunk_size = self.decode_chunk
                 self.prompt_pending = False
             for layer in self.layers:
-                layer.storage.end_prompt()
+                layer.storage.end_prompt(layer.pos)
 
     def calibrate(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Fit what the storages learn from data on ``input_ids [B, L]`` (one eager pass, then

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import user_policy  # noqa: F401  (registers a user's own policy, "decayed")
-from helpers import kv_model, prompts
+from helpers import CountingBackend, kv_model, prompts
 
 import kvslim_fx
 
@@ -27,19 +27,6 @@ CASES = [
     # Layers of different sizes (PyramidKV's schedule).
     ("snapkv", 48, {"budget_schedule": "pyramid"}),
 ]
-
-
-class CountingBackend:
-    """Inductor, counting every graph dynamo hands it (one per compilation)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
-        self.graphs += 1
-        return compile_fx(gm, example_inputs)
 
 
 @pytest.mark.slow

@@ -49,5 +49,5 @@ class Grouped(Dense):
 class MarksThePrompt(Grouped):
     name = "tally-hook"
 
-    def end_prompt(self) -> None:
+    def end_prompt(self, pos) -> None:
         self.shared.at_prompt_end.copy_(self.shared.stored)

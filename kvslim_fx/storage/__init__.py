@@ -17,8 +17,9 @@ from .base import STORAGES, Storage, register_storage
 from .dense import Dense
 from .int8 import Int8
 from .lorc import LoRC
+from .xkv import XKV
 
-__all__ = ["STORAGES", "Dense", "Int8", "LoRC", "Storage", "StorageSpec", "make_storage",
+__all__ = ["STORAGES", "XKV", "Dense", "Int8", "LoRC", "Storage", "StorageSpec", "make_storage",
            "register_storage", "storage_class"]  # fmt: skip
 
 

@@ -87,9 +87,10 @@ class Storage(nn.Module):
         """Runs once when every layer of a model has its storage (in layer order): settings that
         depend on all layers, such as a rank per layer. Default: nothing to do."""
 
-    def end_prompt(self) -> None:
+    def end_prompt(self, pos: Tensor) -> None:
         """Runs once after the prompt's last chunk, after a question-aware prefill compressed the
-        cache (positions in the cache's ``pos``). Default: nothing to do."""
+        cache; ``pos [B, H_kv, R]``: each row's position (``-1``: empty), the cache's
+        bookkeeping. Default: nothing to do."""
 
     def begin_calibration(self) -> None:
         """Start recording what :meth:`end_calibration` fits (``KVSlimModel.calibrate`` calls
@@ -183,6 +184,11 @@ class Storage(nn.Module):
         """Bytes one slot costs across the batch and KV heads (everything stored per row; a
         group's ``shared`` state is counted once by the model)."""
         raise NotImplementedError
+
+    def nbytes(self, capacity: int) -> int:
+        """Bytes the rows of ``capacity`` slots take (the trash row excluded): ``slot_bytes()``
+        each, unless some rows are held otherwise (xkv's factored prompt)."""
+        return self.slot_bytes() * capacity
 
     def attend(
         self,
