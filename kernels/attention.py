@@ -25,12 +25,15 @@ that a chunk still sees the slots its own tokens are about to replace.
 of channels (the ``int8`` storage): the Triton kernel dequantises each row as it loads it; the
 reference dequantises the cache first (:func:`dequantize_rows`) and runs ``kvslim::attend``'s.
 
-``kvslim::attend_lorc`` is the same attention over a cache of low-rank latents shared by the KV
-heads (the ``lorc`` storage): keys are rebuilt from their latents (``c_K B_Kᵀ``) and rotated to
-their positions (they are stored before RoPE), values are read in the latent space: the
+``kvslim::attend_latent`` is the same attention over a cache whose first slots are low-rank
+latents shared by the KV heads and whose others are dense rows (``lorc``: all latents, bases
+for the batch; ``xkv``: the prompt's tokens as rows of the group's token basis with the layer's
+factors per sequence, dense rows after them). Keys are rebuilt from their latents
+(``c_K B_Kᵀ``) and, as the dense rows, rotated to their positions (both are stored before
+RoPE); latent values are read in the latent space: the
 probabilities weight the latents, and ``B_V`` maps the weighted sum to each head
 (``Σ_j p_j (c_j B_V) = (Σ_j p_j c_j) B_V``), so values are never rebuilt. That is what the
-reference and the Triton kernel (``lorc_triton.py``) do; the CPU path rebuilds both first and
+reference and the Triton kernel (``latent_triton.py``) do; the CPU path rebuilds both first and
 runs ``kvslim::attend``'s fused kernel: the rebuild costs ``C · (r_K + r_V) · H_kv·D``
 multiply-adds per layer and step, and the whole is still faster than the reference's explicit
 probabilities (SmolLM2's shapes at 8k slots, one thread: 2.3x on a 512-token chunk, 1.2x on one
@@ -47,9 +50,9 @@ from .run_merge import rope_rotate
 
 if HAS_TRITON:
     from .attention_triton import attend_triton
-    from .lorc_triton import attend_lorc_triton
+    from .latent_triton import attend_latent_triton
 
-__all__ = ["attend", "attend_int8", "attend_lorc", "attend_lorc_reference", "attend_reference",
+__all__ = ["attend", "attend_int8", "attend_latent", "attend_latent_reference", "attend_reference",
            "attend_sdpa", "dequantize_rows", "latent_rows", "window_mass"]  # fmt: skip
 
 
@@ -328,25 +331,26 @@ def attend_int8(
 
 
 def latent_rows(latent: Tensor, basis: Tensor, num_heads: int) -> Tensor:
-    """Latents ``[B, 1, N, r]`` times ``basisᵀ`` (``basis [H·D, r]``) as rows ``[B, H, N, D]``
-    (float32)."""
+    """Latents ``[B, 1, N, r]`` times ``basisᵀ`` (``basis [H·D, r]``, or ``[B, H·D, r]``: one per
+    batch row) as rows ``[B, H, N, D]`` (float32)."""
     B, _, N, _ = latent.shape
-    flat = latent[:, 0].float() @ basis.float().T  # [B, N, H·D]
-    return flat.view(B, N, num_heads, basis.shape[0] // num_heads).transpose(1, 2)
+    flat = latent[:, 0].float() @ basis.float().transpose(-1, -2)  # [B, N, H·D]
+    return flat.view(B, N, num_heads, basis.shape[-2] // num_heads).transpose(1, 2)
 
 
-def _latent_keys(
+def _rows_read(
     cache_ck: Tensor,
     basis_k: Tensor,
+    cache_k: Tensor,
     cache_pos: Tensor,
-    num_heads: int,
     inv_freq: Tensor | None,
     rotary_dim: int,
     attention_scaling: float,
 ) -> Tensor:
-    """Keys ``[B, H_kv, C, D]`` (float32) rebuilt from their latents and, where ``inv_freq`` is
-    given, rotated to ``cache_pos`` (an empty slot as position 0)."""
-    keys = latent_rows(cache_ck, basis_k, num_heads)
+    """Every cached key ``[B, H_kv, C, D]`` (float32) as attention reads it: the latent slots'
+    rebuilt, then the dense rows, rotated to ``cache_pos`` (an empty slot as position 0) where
+    ``inv_freq`` is given."""
+    keys = torch.cat([latent_rows(cache_ck, basis_k, cache_k.shape[1]), cache_k.float()], dim=2)
     if inv_freq is None:
         return keys
     turned = rope_rotate(keys, cache_pos.clamp_min(0), inv_freq, rotary_dim)
@@ -354,7 +358,7 @@ def _latent_keys(
                       turned[..., rotary_dim:]], dim=-1)  # fmt: skip
 
 
-def attend_lorc_reference(
+def attend_latent_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -362,6 +366,8 @@ def attend_lorc_reference(
     cache_cv: Tensor,
     basis_k: Tensor,
     basis_v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
     cache_logc: Tensor,
     cache_pos: Tensor,
     q_pos: Tensor,
@@ -374,30 +380,38 @@ def attend_lorc_reference(
     rotary_dim: int = 0,
     attention_scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`attend_reference` over latents ``cache_ck [B, 1, C, r_k]`` and
-    ``cache_cv [B, 1, C, r_v]`` (shared by the KV heads) with bases ``basis_k [H_kv·D, r_k]``
-    and ``basis_v [H_kv·D, r_v]``.
+    """:func:`attend_reference` over a cache whose first ``C_lat`` slots are latents shared by
+    the KV heads and whose other ``C − C_lat`` are dense rows.
 
-    The new tokens' ``k`` (rotated) and ``v`` are attended as they are. Cached keys are rebuilt
-    before RoPE and rotated to ``cache_pos`` (HF's ``rotate_half`` layout on the first
-    ``rotary_dim`` channels, cos and sin times ``attention_scaling``) where ``inv_freq`` is given.
+    Args:
+        cache_ck, cache_cv: ``[B, 1, C_lat, r_k]``, ``[B, 1, C_lat, r_v]`` latents.
+        basis_k, basis_v: ``[H_kv·D, r]`` (lorc: one for the batch) or ``[B, H_kv·D, r]`` (xkv:
+            a sequence's own factors); a latent slot's row is ``c basisᵀ``.
+        cache_k, cache_v: ``[B, H_kv, C − C_lat, D]`` dense rows (keys before RoPE where
+            ``inv_freq`` is given, as the latent slots' keys).
+        cache_logc, cache_pos: ``[B, H_kv, C]``, latent slots first.
+    The new tokens' ``k`` (rotated) and ``v`` are attended as they are. Cached keys are rotated to
+    ``cache_pos`` (HF's ``rotate_half`` layout on the first ``rotary_dim`` channels, cos and sin
+    times ``attention_scaling``) where ``inv_freq`` is given.
     """
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
-    keys = _latent_keys(cache_ck, basis_k, cache_pos, Hkv, inv_freq, rotary_dim, attention_scaling)
+    keys = _rows_read(cache_ck, basis_k, cache_k, cache_pos, inv_freq, rotary_dim,
+                      attention_scaling)  # fmt: skip
     p = _probabilities(q, k, keys, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
-    C = cache_ck.shape[2]
-    # Values in the latent space: Σ_j p_j c_j, then each KV head's block of basis_v.
-    weighted = torch.einsum("bhgln,bnr->bhglr", p[..., :C], cache_cv[:, 0].float())
-    blocks = basis_v.float().view(Hkv, D, -1)  # [H_kv, D, r_v]
-    out = torch.einsum("bhglr,hdr->bhgld", weighted, blocks)
+    C_lat, C = cache_ck.shape[2], cache_logc.shape[2]
+    # Latent values: Σ_j p_j c_j, then each KV head's block of basis_v (per batch row or not).
+    weighted = torch.einsum("bhgln,bnr->bhglr", p[..., :C_lat], cache_cv[:, 0].float())
+    blocks = basis_v.float().reshape(-1, Hkv, D, basis_v.shape[-1])  # [1 or B, H_kv, D, r_v]
+    out = torch.einsum("bhglr,bhdr->bhgld", weighted, blocks.expand(B, -1, -1, -1))
+    out = out + torch.einsum("bhgln,bhnd->bhgld", p[..., C_lat:C], cache_v.float())
     out = out + torch.einsum("bhgln,bhnd->bhgld", p[..., C:], v.float())
     mass = p.sum(dim=(2, 3)) if return_mass else q.new_zeros(0, dtype=torch.float32)
     return out.reshape(B, Hq, L, D).to(q.dtype), mass
 
 
-@kernel_op("kvslim::attend_lorc")
-def attend_lorc(
+@kernel_op("kvslim::attend_latent")
+def attend_latent(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -405,6 +419,8 @@ def attend_lorc(
     cache_cv: Tensor,
     basis_k: Tensor,
     basis_v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
     cache_logc: Tensor,
     cache_pos: Tensor,
     q_pos: Tensor,
@@ -417,17 +433,19 @@ def attend_lorc(
     rotary_dim: int = 0,
     attention_scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Registered op: the Triton kernel on CUDA (keys rebuilt and rotated as they are loaded,
-    values weighted as latents); elsewhere the rows are rebuilt first and attended as
-    ``kvslim::attend`` does (its fused CPU kernel; see the module docstring)."""
+    """Registered op (:func:`attend_latent_reference`'s arguments): the Triton kernel on CUDA
+    (keys rebuilt and rotated as they are loaded, latent values weighted as latents); elsewhere
+    the rows are rebuilt first and attended as ``kvslim::attend`` does (its fused CPU kernel; see
+    the module docstring)."""
+    args = (q, k, v, cache_ck, cache_cv, basis_k, basis_v, cache_k, cache_v, cache_logc,
+            cache_pos, q_pos, scale, window, sink, recent, return_mass, inv_freq, rotary_dim,
+            attention_scaling)  # fmt: skip
     if q.is_cuda and HAS_TRITON:
-        return attend_lorc_triton(
-            q, k, v, cache_ck, cache_cv, basis_k, basis_v, cache_logc, cache_pos, q_pos, scale,
-            window, sink, recent, return_mass, inv_freq, rotary_dim, attention_scaling,
-        )  # fmt: skip
+        return attend_latent_triton(*args)
     H_kv = k.shape[1]
-    keys = _latent_keys(cache_ck, basis_k, cache_pos, H_kv, inv_freq, rotary_dim,
-                        attention_scaling).to(q.dtype)  # fmt: skip
-    values = latent_rows(cache_cv, basis_v, H_kv).to(q.dtype)
-    args = (q, k, v, keys, values, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
-    return _attend_here(args, return_mass)
+    keys = _rows_read(cache_ck, basis_k, cache_k, cache_pos, inv_freq, rotary_dim,
+                      attention_scaling).to(q.dtype)  # fmt: skip
+    values = torch.cat([latent_rows(cache_cv, basis_v, H_kv).to(q.dtype), cache_v.to(q.dtype)],
+                       dim=2)  # fmt: skip
+    dense = (q, k, v, keys, values, cache_logc, cache_pos, q_pos, scale, window, sink, recent)
+    return _attend_here(dense, return_mass)

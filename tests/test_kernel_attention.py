@@ -21,13 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvslim_fx.kernels import attention_triton
 from kvslim_fx.kernels.attention import (
-    attend_lorc_reference,
+    attend_latent_reference,
     attend_reference,
     attend_sdpa,
     dequantize_rows,
 )
 from kvslim_fx.kernels.attention_triton import attend_triton
-from kvslim_fx.kernels.lorc_triton import attend_lorc_triton
+from kvslim_fx.kernels.latent_triton import attend_latent_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _INTERPRETED = type(attention_triton._attend_fwd).__name__ == "InterpretedFunction"
@@ -222,20 +222,25 @@ def test_triton_dequantises_int8_rows_as_the_reference(
     torch.testing.assert_close(op_mass, want_mass, atol=tol, rtol=tol)
 
 
-def _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype, noncontig) -> tuple:
-    """``attend_lorc`` tensors: latents ``[B, 1, C, r]`` (slices of bigger buffers when
-    ``noncontig``), bases ``[H_kv·D, r]`` scaled so rebuilt rows are O(1), ``inv_freq``."""
-    q, k, v, _, _, logc, pos, q_pos = _make_inputs(B, H_kv, G, L, C, D, seed, dtype, noncontig)
+def _latent_inputs(B, H_kv, G, L, C, C_lat, D, r_k, r_v, rotary_dim, batched, seed, dtype,
+                   noncontig) -> tuple:  # fmt: skip
+    """``attend_latent`` tensors: ``C_lat`` latent slots ``[B, 1, C_lat, r]`` (slices of bigger
+    buffers when ``noncontig``), bases ``[(B,) H_kv·D, r]`` scaled so rebuilt rows are O(1), the
+    other ``C − C_lat`` slots dense rows, ``inv_freq``."""
+    q, k, v, cache_k, cache_v, logc, pos, q_pos = _make_inputs(B, H_kv, G, L, C, D, seed, dtype,
+                                                               noncontig)  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 1)
     pad = 2 if noncontig else 0
-    ck = torch.randn(B, 1, C + pad, r_k + pad, generator=gen)[:, :, pad:, :r_k]
-    cv = torch.randn(B, 1, C, r_v + pad, generator=gen)[..., pad:]
-    bk = torch.randn(H_kv * D, r_k, generator=gen) / r_k**0.5
-    bv = torch.randn(r_v, H_kv * D, generator=gen).T / r_v**0.5
+    ck = torch.randn(B, 1, C_lat + pad, r_k + pad, generator=gen)[:, :, pad:, :r_k]
+    cv = torch.randn(B, 1, C_lat, r_v + pad, generator=gen)[..., pad:]
+    batch = (B,) if batched else ()
+    bk = torch.randn(*batch, H_kv * D, r_k, generator=gen) / r_k**0.5
+    bv = torch.randn(*batch, r_v, H_kv * D, generator=gen).transpose(-1, -2) / r_v**0.5
     if not noncontig:
         bv = bv.contiguous()
     inv_freq = 10000 ** -(torch.arange(rotary_dim // 2) / max(rotary_dim // 2, 1))
-    tensors = [ck.to(DEVICE, dtype), cv.to(DEVICE, dtype), bk.to(DEVICE), bv.to(DEVICE)]
+    tensors = [ck.to(DEVICE, dtype), cv.to(DEVICE, dtype), bk.to(DEVICE), bv.to(DEVICE),
+               cache_k[:, :, C_lat:], cache_v[:, :, C_lat:]]  # fmt: skip
     return (q, k, v, *tensors, logc, pos, q_pos), inv_freq.to(DEVICE) if rotary_dim else None
 
 
@@ -247,8 +252,10 @@ def _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype, noncont
     G=st.integers(1, 3),
     L=st.integers(1, 6),
     C=st.sampled_from([0, 1, 7, 16, 33]),
+    dense=st.sampled_from([0, 0, 1, 5, 20]),
     D=st.sampled_from([8, 16, 32]),
     ranks=st.tuples(st.floats(0.01, 1), st.floats(0.01, 1)),
+    batched=st.booleans(),
     rope=st.sampled_from(["none", "full", "partial"]),
     window=st.sampled_from([0, 0, 3]),
     sink=st.integers(0, 2),
@@ -258,28 +265,31 @@ def _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype, noncont
     noncontig=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_triton_lorc_matches_reference(
-    B, H_kv, G, L, C, D, ranks, rope, window, sink, recent, dtype, splits, noncontig, seed
-):
-    """``kvslim::attend_lorc``'s kernel (keys rebuilt and rotated as loaded, values weighted as
-    latents) equals the reference: cache lengths off the block, an empty cache, all-padding rows,
-    ranks past the kernel's rank block (64), partial rotary, 16-bit latents, split slots. The op
-    (rows rebuilt, then ``kvslim::attend``'s CPU path) equals it too."""
+def test_triton_latent_matches_reference(
+    B, H_kv, G, L, C, dense, D, ranks, batched, rope, window, sink, recent, dtype, splits,
+    noncontig, seed,
+):  # fmt: skip
+    """``kvslim::attend_latent``'s kernel (latent keys rebuilt and rotated as loaded, latent
+    values weighted as latents, then dense rows rotated as loaded) equals the reference: cache
+    lengths off the block, an empty cache, all-padding rows, ranks past the kernel's rank block
+    (64), a basis per sequence (xkv) or one (lorc), partial rotary, 16-bit latents, splits
+    across the latent/dense boundary. The op (rows rebuilt, then ``kvslim::attend``'s CPU path)
+    equals it too."""
     r_k, r_v = (max(1, round(f * H_kv * D)) for f in ranks)
     rotary_dim = {"none": 0, "full": D, "partial": D // 2}[rope]
-    tensors, inv_freq = _lorc_inputs(B, H_kv, G, L, C, D, r_k, r_v, rotary_dim, seed, dtype,
-                                     noncontig)  # fmt: skip
+    tensors, inv_freq = _latent_inputs(B, H_kv, G, L, C + dense, C, D, r_k, r_v, rotary_dim,
+                                       batched, seed, dtype, noncontig)  # fmt: skip
     args = (*tensors, D**-0.5, window, sink, recent, True, inv_freq, rotary_dim, 1.2)
-    want, want_mass = attend_lorc_reference(*args)
+    want, want_mass = attend_latent_reference(*args)
     tol = TOLERANCE[dtype]
     outs = {}
-    for impl in (partial(attend_lorc_triton, splits=splits), torch.ops.kvslim.attend_lorc):
+    for impl in (partial(attend_latent_triton, splits=splits), torch.ops.kvslim.attend_latent):
         outs[impl], mass = impl(*args)
-        assert outs[impl].dtype == dtype and mass.shape == (B, H_kv, C + L)
+        assert outs[impl].dtype == dtype and mass.shape == (B, H_kv, C + dense + L)
         torch.testing.assert_close(outs[impl].float(), want.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(mass, want_mass, atol=tol, rtol=tol)
     _assert_valid_mass(want_mass, tensors[-1], G)
-    out, no_mass = attend_lorc_triton(*args[:14], False, *args[15:], splits=splits)
+    out, no_mass = attend_latent_triton(*args[:16], False, *args[17:], splits=splits)
     assert no_mass.shape == (0,)
     torch.testing.assert_close(out, next(iter(outs.values())), atol=0, rtol=0)
 

@@ -200,16 +200,21 @@ def test_progressive_weights_favour_the_shallow_layers():
     Hkv=st.integers(1, 3),
     G=st.integers(1, 3),
     C=st.integers(1, 12),
+    dense=st.integers(0, 4),
     L=st.integers(1, 4),
     r=st.integers(1, 8),
+    batched=st.booleans(),
     rope=st.booleans(),
     window=st.sampled_from([0, 6]),
     seed=st.integers(0, 2**16),
 )
-def test_attend_lorc_is_attention_over_the_rebuilt_rows(B, Hkv, G, C, L, r, rope, window, seed):
+def test_attend_latent_is_attention_over_the_rebuilt_rows(
+    B, Hkv, G, C, dense, L, r, batched, rope, window, seed
+):  # fmt: skip
     """The value-absorption identity: weighting the latents and mapping the sum through ``B_V``
-    is attention over the rebuilt values; keys are rebuilt, then rotated to their positions."""
-    from kvslim_fx.kernels.attention import attend_lorc_reference, attend_reference, latent_rows
+    is attention over the rebuilt values; keys are rebuilt, then rotated to their positions, as
+    the dense rows after them (xkv's tokens after the prompt; a basis per sequence)."""
+    from kvslim_fx.kernels.attention import attend_latent_reference, attend_reference, latent_rows
     from kvslim_fx.kernels.run_merge import rope_rotate
 
     g = torch.Generator().manual_seed(seed)
@@ -218,35 +223,41 @@ def test_attend_lorc_is_attention_over_the_rebuilt_rows(B, Hkv, G, C, L, r, rope
     q = torch.randn(B, Hkv * G, L, D, generator=g)
     k, v = torch.randn(2, B, Hkv, L, D, generator=g)
     ck, cv = torch.randn(2, B, 1, C, r, generator=g)
-    bk, bv = (torch.linalg.qr(torch.randn(Hkv * D, r, generator=g))[0] for _ in range(2))
-    logc = torch.randn(B, Hkv, C, generator=g).abs()
-    pos = torch.randperm(C, generator=g).expand(B, Hkv, C).clone()
+    rows_k, rows_v = torch.randn(2, B, Hkv, dense, D, generator=g)
+    shape = (B, Hkv * D, r) if batched else (Hkv * D, r)
+    bk, bv = (torch.linalg.qr(torch.randn(*shape, generator=g))[0] for _ in range(2))
+    logc = torch.randn(B, Hkv, C + dense, generator=g).abs()
+    pos = torch.randperm(C + dense, generator=g).expand(B, Hkv, C + dense).clone()
     pos[:, :, 0] = -1  # an empty slot
-    q_pos = torch.arange(C, C + L).expand(B, L).clone()
+    q_pos = torch.arange(C + dense, C + dense + L).expand(B, L).clone()
     q_pos[0, 0] = -1  # a pad
     inv_freq = 10000 ** -(torch.arange(D // 2) / (D // 2)) if rope else None
-    keys = latent_rows(ck, bk, Hkv)
+    keys = torch.cat([latent_rows(ck, bk, Hkv), rows_k], dim=2)
     if rope:
         keys = rope_rotate(keys, pos.clamp_min(0), inv_freq, D) * 1.25
+    values = torch.cat([latent_rows(cv, bv, Hkv), rows_v], dim=2)
     args = (logc, pos, q_pos, 0.5, window, 1, 0, True)
-    want = attend_reference(q, k, v, keys, latent_rows(cv, bv, Hkv), *args)
-    got = attend_lorc_reference(q, k, v, ck, cv, bk, bv, *args, inv_freq, D if rope else 0, 1.25)
+    want = attend_reference(q, k, v, keys, values, *args)
+    got = attend_latent_reference(q, k, v, ck, cv, bk, bv, rows_k, rows_v, *args, inv_freq,
+                                  D if rope else 0, 1.25)  # fmt: skip
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
-def test_attend_lorc_opcheck():
+def test_attend_latent_opcheck():
     g = torch.Generator().manual_seed(0)
-    B, Hkv, G, C, L, D, r = 2, 2, 2, 6, 3, 4, 3
+    B, Hkv, G, C, dense, L, D, r = 2, 2, 2, 6, 2, 3, 4, 3
     args = (
         torch.randn(B, Hkv * G, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
         torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, 1, C, r, generator=g),
         torch.randn(B, 1, C, r, generator=g), torch.randn(Hkv * D, r, generator=g),
-        torch.randn(Hkv * D, r, generator=g), torch.zeros(B, Hkv, C),
-        torch.arange(C).expand(B, Hkv, C).contiguous(), torch.arange(C, C + L).expand(B, L),
-        0.5, 0, 0, 0, True, 10000 ** -(torch.arange(D // 2) / (D // 2)), D, 1.0,
+        torch.randn(Hkv * D, r, generator=g), torch.randn(B, Hkv, dense, D, generator=g),
+        torch.randn(B, Hkv, dense, D, generator=g), torch.zeros(B, Hkv, C + dense),
+        torch.arange(C + dense).expand(B, Hkv, C + dense).contiguous(),
+        torch.arange(C + dense, C + dense + L).expand(B, L), 0.5, 0, 0, 0, True,
+        10000 ** -(torch.arange(D // 2) / (D // 2)), D, 1.0,
     )  # fmt: skip
-    torch.library.opcheck(torch.ops.kvslim.attend_lorc.default, args)
+    torch.library.opcheck(torch.ops.kvslim.attend_latent.default, args)
 
 
 def _rows(arch: str, ids, mask) -> dict[str, list[torch.Tensor]]:

@@ -211,6 +211,32 @@ class Storage(nn.Module):
             s.window, sink, recent, return_mass,
         )  # fmt: skip
 
+    def attend_latent(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        latents: tuple[Tensor, Tensor],
+        bases: tuple[Tensor, Tensor],
+        dense: tuple[Tensor, Tensor],
+        logc: Tensor,
+        pos: Tensor,
+        kv_pos: Tensor,
+        sink: int,
+        recent: int,
+        return_mass: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`attend` through ``kvslim::attend_latent``, for a storage whose first rows are
+        latents ``(c_K, c_V)`` ``[B, 1, C_lat, r]`` with ``bases`` ``[(B,) H_kv·D, r]`` and whose
+        other rows are ``dense`` ``[B, H_kv, R − C_lat, D]`` (keys before RoPE)."""
+        s, rope = self.site, self.rope if self.rotates_at_read else None
+        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
+        return torch.ops.kvslim.attend_latent(
+            q, k, v, *latents, *bases, *dense, logc, pos, kv_pos, s.scale, s.window, sink, recent,
+            return_mass, None if rope is None else rope.inv_freq.to(q.device),
+            0 if rope is None else rope.rotary_dim, 1.0 if rope is None else rope.attention_scaling,
+        )  # fmt: skip
+
     def window_mass(
         self, q: Tensor, q_pos: Tensor, logc: Tensor, pos: Tensor, capacity: int
     ) -> tuple[Tensor, Tensor]:

@@ -8,13 +8,13 @@ and attention reads ``k̂ = c V_rᵀ = [x, 1] M_r``, where ``M_r`` is the best r
 approximation of ``M`` (Eckart–Young): LoRC's ``x A_K`` with ``A_K = U_r Σ_r`` and ``B_K = V_rᵀ``.
 The latent is computed from the key the model already produced, so the projection weights stay
 as they are (at decode one token's ``x W_K`` is what every cache pays; the saving is memory).
-Attention reads through ``kvslim::attend_lorc``: keys are rebuilt before RoPE and rotated to
-their positions (RoPE sits between the key and the query, so ``B_K`` cannot be folded into the
-query projection); values stay latent: the probabilities weight the latents and ``B_V`` maps the
-sum to each head. That is LoRC's absorption of ``B_V`` into the output projection, applied
-before ``o_proj`` instead of folded into it: with one latent for all KV heads a folded ``o_proj``
-would take ``H_q · r_V`` inputs instead of ``H_q · D`` (SmolLM2 at ratio 0.5: 864 instead of
-576), more weight to read per decode step, while ``(Σ p c) B_V`` costs ``H_q · r_V · D`` per
+Attention reads through ``kvslim::attend_latent`` (every slot a latent): keys are rebuilt before
+RoPE and rotated to their positions (RoPE sits between the key and the query, so ``B_K`` cannot be
+folded into the query projection); values stay latent: the probabilities weight the latents and
+``B_V`` maps the sum to each head. That is LoRC's absorption of ``B_V`` into the output projection,
+applied before ``o_proj`` instead of folded into it: with one latent for all KV heads a folded
+``o_proj`` would take ``H_q · r_V`` inputs instead of ``H_q · D`` (SmolLM2 at ratio 0.5: 864 instead
+of 576), more weight to read per decode step, while ``(Σ p c) B_V`` costs ``H_q · r_V · D`` per
 query.
 
 Ranks per layer (``schedule``): ``"uniform"`` gives every layer ``round(ratio · H_kv·D)``;
@@ -276,14 +276,10 @@ class LoRC(Storage):
     def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
         if self._gram is not None:
             self._record(k, v, kv_pos)
-        s, rope = self.site, self.rope if self.rotates_at_read else None
-        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
-        return torch.ops.kvslim.attend_lorc(
-            q, k, v, self.ck, self.cv, self.basis_k, self.basis_v, logc, pos, kv_pos, s.scale,
-            s.window, sink, recent, return_mass,
-            None if rope is None else rope.inv_freq.to(q.device),
-            0 if rope is None else rope.rotary_dim, 1.0 if rope is None else rope.attention_scaling,
-        )  # fmt: skip
+        no_rows = k.new_zeros(*k.shape[:2], 0, k.shape[3])
+        return self.attend_latent(q, k, v, (self.ck, self.cv), (self.basis_k, self.basis_v),
+                                  (no_rows, no_rows), logc, pos, kv_pos, sink, recent,
+                                  return_mass)  # fmt: skip
 
     def slot_bytes(self) -> int:
         return sum(t[:, :, :1].numel() * t.element_size() for t in (self.ck, self.cv))

@@ -1,16 +1,16 @@
 """``xkv`` (xKV, Chang et al. 2025): the prompt's keys and values factored across layers.
 
-Adjacent layers' keys share their dominant singular directions. When the prompt ends, each group
-of ``group`` consecutive layers concatenates its layers' keys (before RoPE) of the prompt's
-tokens along the channels, ``X = [K_1 | … | K_G]`` ``[T, G·H_kv·D]``, and keeps the truncated
-SVD ``X ≈ U_r (Σ_r V_rᵀ)``: one token basis ``U_r [T, r_k]`` for the group (its shared state)
-and one factor ``F_l [r_k, H_kv·D]`` per layer (layer ``l``'s block of ``Σ_r V_rᵀ``); values
-likewise with ``r_v``. Attention rebuilds a prompt token's key as ``U_r[t] F_l``, rotated to its
-position (keys are kept before RoPE, so the factors span un-rotated keys). Tokens after the
-prompt are stored dense, as in the reference. Per sequence (batch row) its own SVD, as the
-reference's. ``‖X − U_r Σ_r V_rᵀ‖_F² = Σ_{i > r} σ_i²`` (Eckart–Young): the diagnostics report
-the dropped fraction of that energy per group (``key_error``, ``value_error``, relative
-Frobenius norms).
+Adjacent layers' keys share their dominant singular directions. When the prompt ends, each group of
+``group`` consecutive layers concatenates its layers' keys (before RoPE) of the prompt's tokens
+along the channels, ``X = [K_1 | … | K_G]`` ``[T, G·H_kv·D]``, and keeps the truncated SVD ``X ≈ U_r
+(Σ_r V_rᵀ)``: one token basis ``U_r [T, r_k]`` for the group (its shared state) and one factor ``F_l
+[r_k, H_kv·D]`` per layer (layer ``l``'s block of ``Σ_r V_rᵀ``); values likewise with ``r_v``.
+Attention (``kvslim::attend_latent``: the token basis as the latents, the layer's factors as a basis
+per sequence) rebuilds a prompt token's key as ``U_r[t] F_l``, rotated to its position (keys are
+kept before RoPE, so the factors span un-rotated keys). Tokens after the prompt are stored dense, as
+in the reference. Per sequence (batch row) its own SVD, as the reference's. ``‖X − U_r Σ_r V_rᵀ‖_F²
+= Σ_{i > r} σ_i²`` (Eckart–Young): the diagnostics report the dropped fraction of that energy per
+group (``key_error``, ``value_error``, relative Frobenius norms).
 
 Ranks: ``ratio`` (default 1/8) is the kept fraction of the group's dense numbers per token,
 ``r_k + r_v = ratio · 2 · G·H_kv·D``, split ``key_share`` (default 0.4) to keys: the reference's
@@ -190,6 +190,14 @@ class XKV(Storage):
 
     def values(self) -> Tensor:
         return self._rows("v")
+
+    def attend(self, q, k, v, logc, pos, kv_pos, sink, recent, return_mass):
+        if not self.tokens:
+            return super().attend(q, k, v, logc, pos, kv_pos, sink, recent, return_mass)
+        latents = (self.shared.u_k[:, None], self.shared.u_v[:, None])  # [B, 1, T, r]
+        bases = (self.f_k.transpose(1, 2), self.f_v.transpose(1, 2))  # [B, H_kv·D, r]
+        return self.attend_latent(q, k, v, latents, bases, (self.k, self.v), logc, pos, kv_pos,
+                                  sink, recent, return_mass)  # fmt: skip
 
     def write(self, slot: Tensor, k: Tensor | None, v: Tensor | None) -> None:
         # Slots after the prompt's are dense rows ``slot − tokens`` (full never writes before).
