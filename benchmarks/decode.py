@@ -472,6 +472,8 @@ class KVSlimDecoder:
         mask = torch.ones_like(ids)
         for i in range(0, ids.shape[1], self.chunk_size):  # generate()'s chunk loop
             logits = self.model(ids[:, i : i + self.chunk_size], mask[:, i : i + self.chunk_size])
+        # As generate(): a storage's prompt-end hook (xkv factors the prompt here).
+        self.model.end_prompt()
         return logits
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
