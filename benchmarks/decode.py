@@ -122,11 +122,14 @@ def all_rows(
     modes: list[str],
     storages: tuple[str, ...] = ("dense",),
 ) -> list[Row]:
-    """HF's rows, full's, then every method × storage × budget × mode; a row over a storage
-    other than dense is named ``<method>+<storage>-<budget>-<mode>``, e.g.
-    ``streaming+int8-2048-compile``."""
+    """HF's rows, full's per storage, then every method × storage × budget × mode; a row over a
+    storage other than dense is named ``<method>+<storage>-<budget>-<mode>``, e.g.
+    ``streaming+int8-2048-compile`` (``full+xkv-compile``)."""
     rows = [Row("hf-eager", "hf-eager"), Row("hf-static-compile", "hf-static", mode="compile")]
-    rows += [Row(f"full-{m}", "kvslim", "full", None, m) for m in ("eager", "compile", "aoti")]
+    for storage in storages:
+        label = "full" if storage == "dense" else f"full+{storage}"
+        rows += [Row(f"{label}-{m}", "kvslim", "full", None, m, storage)
+                 for m in ("eager", "compile", "aoti")]  # fmt: skip
     for method in methods:
         for storage in storages:
             label = method if storage == "dense" else f"{method}+{storage}"
