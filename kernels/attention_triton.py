@@ -103,6 +103,61 @@ def _load_queries(
 
 
 @triton.jit
+def _online(s, m_i, l_i):
+    """One online-softmax step over logits ``s``: ``(p, alpha, m, l)``. A row that has seen no
+    visible key yet keeps ``m = -inf``; it shifts by 0, so that exp(-inf - -inf) never produces
+    NaN (its ``p`` and ``alpha`` are then exactly 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _store_rows(
+    OUT, LSE, acc, m_i, l_i, split, so_s, so_b, so_h, so_l, so_d, slse_s, b64, h64, offs_m,
+    offs_d, H_kv, G, L, D,
+):  # fmt: skip
+    """Normalise a rows block's output and store it and its log-sum-exp at split ``split`` (rows
+    that saw nothing: exactly 0 and ``-inf``)."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    g = offs_m // L
+    t = offs_m % L
+    row_ok = offs_m < G * L
+    o_ptrs = (
+        OUT + split.to(tl.int64) * so_s + b64 * so_b + (h64 * G + g[:, None]) * so_h
+        + t[:, None] * so_l + offs_d[None, :] * so_d
+    )  # fmt: skip
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    lse_ptrs = LSE + split.to(tl.int64) * slse_s + (b64 * H_kv + h64) * G * L + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _column_mass(
+    q_base, qpos_ptr, lse_base, k, k_pos, bias, sq_h, sq_l, sq_d, sqp_l, offs_d, G, L, D, scale,
+    window, sink, recent, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    """The probability each key of the block ``k`` received, summed over a KV group's query
+    rows, from their saved log-sum-exps ``[BLOCK_N]``."""
+    col = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, G * L, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
+                                 NATIVE)  # fmt: skip
+        s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
+        # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        col += tl.sum(tl.exp(s - lse[:, None]), axis=0)
+    return col
+
+
+@triton.jit
 def _attend_fwd(
     Q, K, V, CK, CV, CKS, CVS, CLOGC, CPOS, QPOS, OUT, LSE,
     sq_b, sq_h, sq_l, sq_d,
@@ -158,32 +213,13 @@ def _attend_fwd(
                        offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
         k_pos, bias = _key_meta(cpos_ptr, clogc_ptr, qpos_ptr, scp_n, scl_n, sqp_l, offs_n, C, L)
         s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no visible key yet keeps m = -inf; shift by 0 so that
-        # exp(-inf - -inf) never produces NaN (its p and alpha are then exactly 0).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online(s, m_i, l_i)
         v = _load_rows(cv_base, cvs_base, v_base, scv_n, scv_d, scvs_n, scvs_g, sv_l, sv_d,
                        offs_n, offs_d, C, L, D, GROUP)  # fmt: skip
         p_v = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + p_v
-        m_i = m_new
-
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing stay exactly 0
-    g = offs_m // L
-    t = offs_m % L
-    row_ok = offs_m < G * L
-    o_ptrs = (
-        OUT + split.to(tl.int64) * so_s + b64 * so_b + (h64 * G + g[:, None]) * so_h
-        + t[:, None] * so_l + offs_d[None, :] * so_d
-    )  # fmt: skip
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    lse_ptrs = LSE + split.to(tl.int64) * slse_s + (b64 * H_kv + h64) * G * L + offs_m
-    tl.store(lse_ptrs, lse, mask=row_ok)
+    _store_rows(OUT, LSE, acc, m_i, l_i, split, so_s, so_b, so_h, so_l, so_d, slse_s, b64, h64,
+                offs_m, offs_d, H_kv, G, L, D)  # fmt: skip
 
 
 @triton.jit
@@ -218,19 +254,11 @@ def _attend_mass(
         CPOS + b64 * scp_b + h64 * scp_h, CLOGC + b64 * scl_b + h64 * scl_h, qpos_ptr,
         scp_n, scl_n, sqp_l, offs_n, C, L,
     )  # fmt: skip
-    q_base = Q + b64 * sq_b + h64 * G * sq_h
-    lse_base = LSE + (b64 * H_kv + h64) * G * L
-
-    col = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, G * L, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
-                                 NATIVE)  # fmt: skip
-        s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
-        lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
-        # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        col += tl.sum(tl.exp(s - lse[:, None]), axis=0)
+    col = _column_mass(
+        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, LSE + (b64 * H_kv + h64) * G * L, k, k_pos,
+        bias, sq_h, sq_l, sq_d, sqp_l, offs_d, G, L, D, scale, window, sink, recent, BLOCK_M,
+        BLOCK_N, DOT_PRECISION, NATIVE,
+    )  # fmt: skip
     tl.store(MASS + (b64 * H_kv + h64) * (C + L) + offs_n, col, mask=offs_n < C + L)
 
 
@@ -272,6 +300,23 @@ def split_keys(
                      triton.cdiv(blocks, MIN_BLOCKS_PER_SPLIT))  # fmt: skip
     per_split = triton.cdiv(max(blocks, 1), max(splits, 1))
     return triton.cdiv(max(blocks, 1), per_split), per_split
+
+
+def split_outputs(
+    q: Tensor, H_kv: int, splits: int
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:  # fmt: skip
+    """Where the forward kernel writes: with one split the final ``out [B, H_q, L, D]`` (in
+    ``q``'s dtype) and ``lse [B, H_kv, G·L]``; with more, fp32 partials ``[S, B, H_q, L, D]`` and
+    ``[S, B, H_kv, G·L]`` for :func:`combine_splits`. Also ``out``'s strides, a split's first."""
+    B, H_q, L, D = q.shape
+    M = H_q // H_kv * L
+    if splits == 1:
+        out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
+        return out, lse, (0, *out.stride())
+    out = torch.empty((splits, B, H_q, L, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((splits, B, H_kv, M), dtype=torch.float32, device=q.device)
+    return out, lse, out.stride()
 
 
 def combine_splits(part: Tensor, lse: Tensor, G: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -349,14 +394,7 @@ def attend_triton(
     row_blocks = triton.cdiv(M, meta["BLOCK_M"])
     S, per_split = split_keys(triton.cdiv(N, meta["BLOCK_N"]), row_blocks * B * H_kv, q.device,
                               splits)  # fmt: skip
-    if S == 1:
-        out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
-        out_strides = (0, *out.stride())
-    else:
-        out = torch.empty((S, B, H_q, L, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((S, B, H_kv, M), dtype=torch.float32, device=q.device)
-        out_strides = out.stride()
+    out, lse, out_strides = split_outputs(q, H_kv, S)
     common = (H_kv, G, L, C, D, float(scale), int(window), int(sink), int(recent))
     if M > 0:
         torch.library.wrap_triton(_attend_fwd)[(row_blocks, B * H_kv, S)](

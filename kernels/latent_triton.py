@@ -36,12 +36,16 @@ from torch import Tensor
 
 from .attention_triton import (
     _block,
+    _column_mass,
     _config,
     _load_queries,
     _native,
+    _online,
     _scores,
+    _store_rows,
     combine_splits,
     split_keys,
+    split_outputs,
 )
 
 __all__ = ["attend_latent_triton"]
@@ -129,17 +133,6 @@ def _rows(X, sx_n, sx_d, offs_n, offs_d, first, end, D):
     rows = tl.load(X + (offs_n[:, None] - first) * sx_n + offs_d[None, :] * sx_d, mask=ok,
                    other=0.0)  # fmt: skip
     return rows.to(tl.float32)
-
-
-@triton.jit
-def _online(s, m_i, l_i):
-    """One online-softmax step over logits ``s``: ``(p, alpha, m, l)``. Rows with no visible key
-    so far keep ``m = -inf``; they shift by 0, so ``p`` and ``alpha`` are 0, not NaN."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -241,19 +234,8 @@ def _attend_latent_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)  # fmt: skip
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing stay exactly 0
-    g = offs_m // L
-    t = offs_m % L
-    row_ok = offs_m < G * L
-    o_ptrs = (
-        OUT + split.to(tl.int64) * so_s + b64 * so_b + (h64 * G + g[:, None]) * so_h
-        + t[:, None] * so_l + offs_d[None, :] * so_d
-    )  # fmt: skip
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    lse_ptrs = LSE + split.to(tl.int64) * slse_s + (b64 * H_kv + h64) * G * L + offs_m
-    tl.store(lse_ptrs, lse, mask=row_ok)
+    _store_rows(OUT, LSE, acc, m_i, l_i, split, so_s, so_b, so_h, so_l, so_d, slse_s, b64, h64,
+                offs_m, offs_d, H_kv, G, L, D)  # fmt: skip
 
 
 @triton.jit
@@ -300,19 +282,11 @@ def _attend_latent_mass(
         bias = tl.zeros([BLOCK_N], tl.float32)
         k = _rows(K + b64 * sk_b + h64 * sk_h, sk_l, sk_d, offs_t, offs_d, 0, L, D)
         column, n_cols = C + offs_t, C + L
-    q_base = Q + b64 * sq_b + h64 * G * sq_h
-    lse_base = LSE + (b64 * H_kv + h64) * G * L
-
-    col = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, G * L, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q, q_pos = _load_queries(q_base, qpos_ptr, sq_h, sq_l, sq_d, sqp_l, offs_m, offs_d, G, L, D,
-                                 NATIVE)  # fmt: skip
-        s = _scores(q, q_pos, k, k_pos, bias, scale, window, sink, recent, DOT_PRECISION)
-        lse = tl.load(lse_base + offs_m, mask=offs_m < G * L, other=float("-inf"))
-        # Rows that saw nothing have lse = -inf and all logits -inf: shift by 0 so p = 0, not NaN.
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        col += tl.sum(tl.exp(s - lse[:, None]), axis=0)
+    col = _column_mass(
+        Q + b64 * sq_b + h64 * G * sq_h, qpos_ptr, LSE + (b64 * H_kv + h64) * G * L, k, k_pos,
+        bias, sq_h, sq_l, sq_d, sqp_l, offs_d, G, L, D, scale, window, sink, recent, BLOCK_M,
+        BLOCK_N, DOT_PRECISION, NATIVE,
+    )  # fmt: skip
     tl.store(MASS + (b64 * H_kv + h64) * (C + L) + column, col, mask=column < n_cols)
 
 
@@ -374,14 +348,7 @@ def attend_latent_triton(
     row_blocks = triton.cdiv(M, meta["BLOCK_M"])
     S, per_split = split_keys(triton.cdiv(C, meta["BLOCK_N"]), row_blocks * B * H_kv, q.device,
                               splits)  # fmt: skip
-    if S == 1:
-        out = torch.empty((B, H_q, L, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H_kv, M), dtype=torch.float32, device=q.device)
-        out_strides = (0, *out.stride())
-    else:
-        out = torch.empty((S, B, H_q, L, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((S, B, H_kv, M), dtype=torch.float32, device=q.device)
-        out_strides = out.stride()
+    out, lse, out_strides = split_outputs(q, H_kv, S)
     latents = (cache_ck[:, 0], cache_cv[:, 0])  # [B, C_lat, r]
     common = (float(scale), int(window), int(sink), int(recent), float(attention_scaling))
     if M > 0:
