@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ..errors import KVSlimError
 from ..kernels.slots import gather_slots, slot_index
-from .base import Storage, register_storage
+from .base import register_storage
+from .dense import Dense
 
 
 class XKVGroup(nn.Module):
@@ -82,7 +83,7 @@ class XKVGroup(nn.Module):
 
 
 @register_storage
-class XKV(Storage):
+class XKV(Dense):
     """Dense rows ``k, v [B, H_kv, R − T, D]`` for the slots after the prompt's ``T``, factors
     ``f_k [B, r_k, H_kv·D]``, ``f_v [B, r_v, H_kv·D]`` for the prompt's, and the group's token
     bases (``shared``); see the module docstring."""
@@ -114,7 +115,7 @@ class XKV(Storage):
         self.tokens = 0  # the prompt's slots held as factors
         self.errors = {"k": 0.0, "v": 0.0}
         self.dtype = torch.float32
-        for name in ("k", "v", "f_k", "f_v"):
+        for name in ("f_k", "f_v"):
             self.register_buffer(name, torch.empty(0), persistent=False)
 
     @property
@@ -152,14 +153,8 @@ class XKV(Storage):
         self.errors[name] = error
 
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, self.site.num_kv_heads, rows, self.site.head_dim)
+        super().allocate(batch, rows, dtype, device)
         self.dtype, self.tokens, self.errors = dtype, 0, {"k": 0.0, "v": 0.0}
-        if self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
-        else:
-            self.k.zero_()
-            self.v.zero_()
         self.f_k = torch.zeros(0, dtype=dtype, device=device)
         self.f_v = torch.zeros(0, dtype=dtype, device=device)
         if self.shared is not None:
@@ -213,12 +208,8 @@ class XKV(Storage):
             buf.index_put_(index, gather_slots(buf, src))
 
     def nbytes(self, capacity: int) -> int:
-        dense = sum(t[:, :, :1].numel() * t.element_size() for t in (self.k, self.v))
         factors = sum(t.numel() * t.element_size() for t in (self.f_k, self.f_v))
-        return dense * (capacity - self.tokens) + factors
-
-    def slot_bytes(self) -> int:
-        return sum(t[:, :, :1].numel() * t.element_size() for t in (self.k, self.v))
+        return self.slot_bytes() * (capacity - self.tokens) + factors
 
     def diagnostics(self) -> dict[str, float]:
         return {"rank_k": self.rank_k, "rank_v": self.rank_v, "factored_tokens": self.tokens,
