@@ -76,10 +76,10 @@ class XKVGroup(nn.Module):
             kept = (sigma[..., :rank] ** 2).sum(-1)
             total = (sigma**2).sum(-1).clamp_min(1e-30)
             error = float(((total - kept).clamp_min(0) / total).sqrt().max())
-            setattr(self, f"u_{name}", u[..., :rank].to(first.dtype).contiguous())
+            setattr(self, f"u_{name}", u[..., :rank].to(first.k.dtype).contiguous())
             factors = (sigma[..., :rank, None] * vh[..., :rank, :]).split(widths, dim=-1)
             for m, factor in zip(self.members, factors, strict=True):
-                m.take_factor(name, factor.to(m.dtype).contiguous(), tokens, error)
+                m.take_factor(name, factor.to(m.k.dtype).contiguous(), tokens, error)
 
 
 @register_storage
@@ -114,7 +114,6 @@ class XKV(Dense):
         self._explicit = {n: r for n, r in (("rank_k", rank_k), ("rank_v", rank_v)) if r}
         self.tokens = 0  # the prompt's slots held as factors
         self.errors = {"k": 0.0, "v": 0.0}
-        self.dtype = torch.float32
         for name in ("f_k", "f_v"):
             self.register_buffer(name, torch.empty(0), persistent=False)
 
@@ -154,7 +153,7 @@ class XKV(Dense):
 
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         super().allocate(batch, rows, dtype, device)
-        self.dtype, self.tokens, self.errors = dtype, 0, {"k": 0.0, "v": 0.0}
+        self.tokens, self.errors = 0, {"k": 0.0, "v": 0.0}
         self.f_k = torch.zeros(0, dtype=dtype, device=device)
         self.f_v = torch.zeros(0, dtype=dtype, device=device)
         if self.shared is not None:
