@@ -4,9 +4,10 @@ The cache joins a token policy (``method``: which tokens to keep, evict or merge
 (``storage``: how the K/V rows live and are read). It owns the slot bookkeeping, as buffers
 mutated in place so ``torch.compile`` and AOTInductor carry them:
 
-* ``logc``: ``[B, H_kv, C + 1]`` float32 log cardinality (0 for a slot holding one token);
-* ``pos``: ``[B, H_kv, C + 1]`` int64 position of each slot's (last) token, ``-1`` = empty;
-* whatever per-slot statistics the policy declares (``[B, H_kv, C + 1]`` each), and
+* ``pos``: ``[B, H_kv, C + 1]`` int32 position of each slot's (last) token, ``-1`` = empty;
+* whatever per-slot statistics the policy declares (``[B, H_kv, C + 1]`` each), among them
+  ``logc``, float32 log cardinality, for a policy whose slots hold merged tokens (a policy that
+  only keeps or drops tokens stores none: :meth:`LayerCache.log_cardinality` is zero), and
   ``merge_stats [4]`` (float64): tokens merged or dropped, fallbacks (KVSlimmer's closed form,
   WeightedKV's fold weights), the most tokens one step merged or dropped in one row and KV head,
   and the most slots one merge joined.
@@ -31,7 +32,9 @@ from .methods.scoring import fold_right
 from .plan import Plan
 from .storage import Storage
 
-_BASE_STATE = {"logc": (torch.float32, 0.0), "pos": (torch.long, -1)}
+# int32 positions: the bookkeeping is part of the cache's bytes (a quarter of them for a factored
+# storage at 8×), and no model has 2³¹ positions.
+_BASE_STATE = {"pos": (torch.int32, -1)}
 
 
 class LayerCache(nn.Module):
@@ -95,7 +98,7 @@ class LayerCache(nn.Module):
         """
         C = self.capacity
         occupied = self.pos[:, :, :C] >= 0
-        cards = self.logc[:, :, :C].exp()[occupied].double()
+        cards = self.log_cardinality()[:, :, :C].exp()[occupied].double()
         stats = self.merge_stats.tolist()
         return {
             "occupied": int(occupied.sum(-1).max()) if C else 0,
@@ -107,6 +110,13 @@ class LayerCache(nn.Module):
             "most_joined": stats[3],
             **self.storage.diagnostics(),
         }
+
+    def log_cardinality(self) -> Tensor:
+        """``[B, H_kv, C + 1]`` log of the tokens each slot holds: the policy's ``logc``, or a
+        broadcast zero (no memory) for a policy whose slots hold one token each."""
+        if "logc" in self.slot_state:
+            return self.logc
+        return self.pos.new_zeros((), dtype=torch.float32).expand(self.pos.shape)
 
     def nbytes(self) -> int:
         """Bytes of the ``capacity`` slots (the storage's rows and the per-slot state; the trash
@@ -123,7 +133,7 @@ class LayerCache(nn.Module):
             self.window_q.copy_(torch.cat([self.window_q, q], dim=2)[:, :, -W:])
             self.window_pos.copy_(torch.cat([self.window_pos, kv_pos], dim=1)[:, -W:])
         out, mass = self.storage.attend(
-            q, k, v, self.method.attention_logc(self.logc), self.pos, kv_pos, lay.sink,
+            q, k, v, self.method.attention_logc(self.log_cardinality()), self.pos, kv_pos, lay.sink,
             lay.recent, lay.merges,
         )  # fmt: skip
         self.store(k, v, kv_pos, mass)
@@ -148,7 +158,7 @@ class LayerCache(nn.Module):
         ``observe``, at most the model's ``prefill_window``) over the cache: ``mass`` and ``seen``
         ``[B, H_kv, C]`` (:func:`~kvslim_fx.kernels.attention.window_mass`)."""
         C = self.capacity
-        logc = self.method.attention_logc(self.logc[:, :, :C])
+        logc = self.method.attention_logc(self.log_cardinality()[:, :, :C])
         return self.storage.window_mass(self.window_q, self.window_pos, logc,
                                         self.pos[:, :, :C], C)  # fmt: skip
 
@@ -237,7 +247,7 @@ class LayerCache(nn.Module):
         else:
             self.storage.write(slot, k, v)
         index = slot_index(slot)
-        self.pos.index_put_(index, torch.where(slot == C, -1, kv_pos))
+        self.pos.index_put_(index, torch.where(slot == C, -1, kv_pos).to(self.pos.dtype))
         for name, value in plan.new_state.items():
             state = getattr(self, name)
             state.index_put_(index, value.to(state.dtype).expand(B, H, L))
@@ -258,7 +268,7 @@ class LayerCache(nn.Module):
             return torch.where(keep, lowest, C)
         rank = free.long().cumsum(-1) - 1
         # slots_by_rank[b, h, i] = the i-th free slot (trash beyond the free ones).
-        slots_by_rank = torch.full_like(self.pos, C)
+        slots_by_rank = torch.full_like(self.pos, C, dtype=torch.long)
         slots = torch.arange(C, device=keep.device).expand_as(rank)
         slots_by_rank.scatter_(2, torch.where(free, rank, C), slots)
         token_rank = (keep.long().cumsum(-1) - 1).clamp_min(0)
@@ -275,9 +285,8 @@ class LayerCache(nn.Module):
         B, H, L, _ = k.shape
         slot = torch.where(dropped, lay.capacity, slot)[:, None, :].expand(B, H, L)
         self.storage.write(slot, k, v)
-        self.pos.index_put_(
-            slot_index(slot), torch.where(dropped, -1, r)[:, None, :].expand(B, H, L)
-        )
+        pos = torch.where(dropped, -1, r).to(self.pos.dtype)
+        self.pos.index_put_(slot_index(slot), pos[:, None, :].expand(B, H, L))
 
     def _compact(self, layout: SlotLayout) -> None:
         """Move the kept slots into buffers of ``layout``'s capacity (positions unchanged).
@@ -298,6 +307,7 @@ class LayerCache(nn.Module):
             newest = pos.amax(dim=-1, keepdim=True)
             stays = (pos >= 0) & ((pos < sink) | (pos > newest - ring))
             target = torch.where(stays, torch.where(pos < sink, pos, sink + (pos - sink) % ring), N)
+            target = target.long()
             slots = torch.arange(C, device=pos.device).expand_as(pos)
             source = torch.zeros(*pos.shape[:2], N + 1, dtype=torch.long, device=pos.device)
             source = source.scatter(2, target, slots)[..., :N]

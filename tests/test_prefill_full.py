@@ -142,7 +142,7 @@ def test_after_the_prompt_every_layer_holds_the_budget(name, arch, budget, lengt
         if name == "kvslimmer" and layer.layout.merges:
             # Every token fed is in exactly one slot (generate never feeds its last token); a
             # sliding-window layer may drop what its window no longer sees.
-            cards = (layer.logc[:, :, :C].exp() * occupied).sum(-1).double()
+            cards = (layer.log_cardinality()[:, :, :C].exp() * occupied).sum(-1).double()
             seen = (mask.sum(1) + max(steps - 1, 0)).double()[:, None].expand_as(cards)
             if layer.site.window:
                 assert bool((cards <= seen + 1e-3).all())

@@ -260,7 +260,8 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
         assert case["budget"] >= C, where
         assert layer.storage.k.shape[2] == layer.pos.shape[2] == C + 1, where
         assert (layer.pos[:, :, C] == -1).all(), where
-        cards = layer.logc[:, :, :C].exp()
+        logc = layer.log_cardinality()
+        cards = logc[:, :, :C].exp()
         for b, n in enumerate(consumed):
             for h in range(layer.site.num_kv_heads):
                 pos = layer.pos[b, h, :C]
@@ -276,7 +277,7 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
                     assert torch.allclose(cards[b, h, order], covered, atol=1e-4), (where, b, h)
                     assert held.numel() == 0 or held[-1] == n - 1, (where, b, h)
                 else:
-                    assert (layer.logc[b, h, :C] == 0).all(), (where, b, h)  # no cardinality
+                    assert (logc[b, h, :C] == 0).all(), (where, b, h)  # no cardinality
         if layer.layout.merges:
             assert 0 <= layer.merge_stats[1] <= layer.merge_stats[0], where
         # 3. Sinks and 4. the recent window: present, one slot per head, cardinality 1, with
@@ -291,7 +292,7 @@ def check_cache(model, case, consumed: list[int], own: Recorder, full: Recorder)
                 heads = layer.site.num_kv_heads
                 assert slots[:, 0].tolist() == list(range(heads)), (where, what, b, p)
                 for h, s in slots.tolist():
-                    assert layer.logc[b, h, s] == 0, (where, what, b, p, h)
+                    assert logc[b, h, s] == 0, (where, what, b, p, h)
                     assert torch.equal(layer.storage.k[b, h, s], own.k[i][b, h, p]), (
                         where,
                         what,

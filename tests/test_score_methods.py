@@ -339,7 +339,7 @@ def random_cache(method, budget, window, per_head, seed, B=2, HKV=2, D=8) -> tup
             full = bool(torch.rand(1, generator=g) < 0.8)
             n = budget if full else int(torch.randint(0, budget, (1,), generator=g))
             slots = torch.randperm(budget, generator=g)[:n]
-            cache.pos[b, h, slots] = torch.randperm(nxt, generator=g)[:n]
+            cache.pos[b, h, slots] = torch.randperm(nxt, generator=g, dtype=cache.pos.dtype)[:n]
     cache.storage.k.copy_(torch.randn(cache.storage.k.shape, generator=g))
     cache.storage.v.copy_(torch.randn(cache.storage.v.shape, generator=g))
     real = cache.pos >= 0

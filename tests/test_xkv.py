@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
-from helpers import CountingBackend, hf_logits, kv_model, prompts
+from helpers import CountingBackend, kv_model, prefill_and_decode, prompts, rms_logit_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_model
 
 import kvslim_fx
 from kvslim_fx import KVSlimError
@@ -28,36 +29,13 @@ def _xkv(arch: str, method: str = "full", budget=None, **options):
     return kv_model(arch, method, budget, chunk_size=16, storage=spec)
 
 
-def _generate(model, ids, mask, steps: int = STEPS) -> torch.Tensor:
-    """Prefill, end the prompt (xkv factors it), then ``steps`` greedy steps: every logit."""
-    model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
-    with torch.no_grad():
-        logits = [model(ids, mask)]
-        model.end_prompt()
-        for _ in range(steps):
-            token = logits[-1][:, -1].argmax(-1, keepdim=True)
-            logits.append(model(token, torch.ones_like(token)))
-    return torch.cat(logits, dim=1)
-
-
-def _rms_error(arch: str, model, seed: int = 0) -> float:
-    """RMS logit error against HF over a padded batch, the decoded tokens fed back to HF."""
-    ids, mask = prompts(2, PROMPT, pads=[0, 3], seed=seed)
-    got = _generate(model, ids, mask)
-    tokens = got[:, ids.shape[1] - 1 : -1].argmax(-1)
-    full_ids = torch.cat([ids, tokens], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
-    want = hf_logits(arch, full_ids, full_mask)
-    return float((got - want)[full_mask.bool()].pow(2).mean().sqrt())
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_rank_is_the_original_model(arch):
     """Ranks at the group's width rebuild the prompt's rows exactly; the padded row's leading
     run (37 slots) is factored, the rest and the decoded tokens stay dense. Sliding-window layers
     stay dense (the tiny mistral: every layer)."""
     model = _xkv(arch, group=2, rank_k=64, rank_v=64)  # tiny models: 2 KV heads of 16
-    assert _rms_error(arch, model) < 1e-5
+    assert rms_logit_error(arch, model, STEPS) < 1e-5
     for layer in model.layers:
         s = layer.storage
         assert s.tokens == (0 if s.site.window else PROMPT - 3)
@@ -96,7 +74,7 @@ def test_each_group_holds_its_eckart_young_truncation(arch, group, rank, seed):
     ids, mask = prompts(2, PROMPT, pads=[0, 3], seed=seed)
     rows = _prompt_rows(arch, ids, mask)
     model = _xkv(arch, group=group, rank_k=rank, rank_v=rank)
-    _generate(model, ids, mask, steps=0)
+    prefill_and_decode(model, ids, mask)
     groups: dict[int, list[int]] = {}
     for i, layer in enumerate(model.layers):
         if layer.storage.shared is not None:
@@ -115,7 +93,9 @@ def test_each_group_holds_its_eckart_young_truncation(arch, group, rank, seed):
                                   atol=1e-6 * float(sigma.pow(2).sum()))  # fmt: skip
             fraction = float((dropped / sigma.pow(2).sum(-1)).sqrt().max())
             error = model.layers[members[0]].storage.errors[name]
-            assert math.isclose(error, fraction, rel_tol=1e-3, abs_tol=1e-6)
+            # Energies (squares) to the energy check's tolerance: fp32 factoring leaves ~1e-7 of
+            # the total energy, which is a large part of a small dropped fraction's square root.
+            assert math.isclose(error**2, fraction**2, rel_tol=1e-3, abs_tol=1e-6)
 
 
 def test_the_cache_holds_the_factors_not_the_rows():
@@ -123,7 +103,7 @@ def test_the_cache_holds_the_factors_not_the_rows():
     ``H_kv·D·(r_k + r_v)`` per layer, and the dense rows left are the slots after the prompt."""
     model = _xkv("llama", group=2, rank_k=6, rank_v=10)
     ids, mask = prompts(1, PROMPT, seed=1)
-    _generate(model, ids, mask, steps=0)
+    prefill_and_decode(model, ids, mask)
     elem = 4
     layers = model.layers
     s = layers[0].storage
@@ -141,6 +121,29 @@ def test_the_cache_holds_the_factors_not_the_rows():
     assert all(layer.storage.k.shape[2] == capacity + 1 - PROMPT for layer in layers)
 
 
+def test_the_cache_is_near_the_formula_and_4x_below_dense_at_8x():
+    """At the default ratio (1/8, the reference's 8× setting) with the default model's attention
+    shape (3 KV heads of 64), a 2,048-token prompt and 64 decoded slots: the cache is within
+    10 % of the factors' formula plus the dense decoded rows (the rest is the int32 position per
+    slot and head), and at least 4× below a dense cache of the same sequence. (The default model
+    at a 4,096-token prompt, 30 layers: +4.3 % and 5.3×; G = 1: +5.0 % and 6.1×.)"""
+    T, steps, L, group = 2048, 64, 4, 4
+    hf = tiny_model("llama", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                    head_dim=64, num_hidden_layers=L, intermediate_size=64,
+                    max_position_embeddings=4096)  # fmt: skip
+    model = kvslim_fx.transform(hf, storage=f"xkv:group={group}", chunk_size=512)
+    ids, mask = prompts(1, T, seed=2)
+    model.reset(batch_size=1, max_length=T + steps)
+    with torch.no_grad():
+        model(ids, mask)
+    model.end_prompt()
+    s = model.layers[0].storage
+    ranks, width = s.rank_k + s.rank_v, s.width  # width = H_kv · D = 192
+    formula = math.ceil(L / group) * T * ranks + L * width * ranks + L * steps * 2 * width
+    assert model.cache_bytes() <= 1.1 * 4 * formula
+    assert model.full_cache_bytes(T + steps) >= 4 * model.cache_bytes()
+
+
 def test_ranks_follow_the_ratio_and_the_key_share():
     model = _xkv("llama", group=4, ratio=0.125, key_share=0.4)
     s = model.layers[0].storage  # width 32: 2 · 4 · 32 / 8 = 32 numbers per token
@@ -149,7 +152,7 @@ def test_ranks_follow_the_ratio_and_the_key_share():
 
 
 def test_the_logit_error_shrinks_as_the_rank_grows():
-    errors = [_rms_error("llama", _xkv("llama", group=2, rank_k=r, rank_v=r))
+    errors = [rms_logit_error("llama", _xkv("llama", group=2, rank_k=r, rank_v=r), STEPS)
               for r in (4, 16, 64)]  # fmt: skip
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-5, errors
 

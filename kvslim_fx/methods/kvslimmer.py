@@ -59,6 +59,7 @@ from .base import (
 )
 
 _SLOT_STATE = {
+    "logc": (torch.float32, 0.0),  # log cardinality: tokens merged into the slot (values are means)
     "score": (torch.float32, 0.0),  # the selection statistic (attention probability, see score)
     "steps": (torch.float32, 0.0),  # steps the slot has been attended (the running means' n)
 }
