@@ -66,14 +66,29 @@ def hf_logits(arch: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_and_decode(model, ids, mask, steps: int = 0) -> torch.Tensor:
-    """Prefill ``ids`` then ``steps`` greedy decode steps; returns every step's logits."""
+    """Prefill ``ids``, end the prompt (as ``generate`` does: a storage's prompt-end hook runs),
+    then ``steps`` greedy decode steps; returns every step's logits."""
     model.reset(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
     with torch.no_grad():
         logits = [model(ids, mask)]
+        model.end_prompt()
         for _ in range(steps):
             token = logits[-1][:, -1].argmax(-1, keepdim=True)
             logits.append(model(token, torch.ones_like(token)))
     return torch.cat(logits, dim=1)
+
+
+def rms_logit_error(arch: str, model, steps: int = 0, seed: int = 0) -> float:
+    """RMS logit error of ``model`` against the HF ``arch`` over a padded batch (two prompts of
+    40 tokens, one left-padded by 3) and ``steps`` greedy steps, the decoded tokens fed to HF
+    too."""
+    ids, mask = prompts(2, 40, pads=[0, 3], seed=seed)
+    got = prefill_and_decode(model, ids, mask, steps)
+    tokens = got[:, ids.shape[1] - 1 : -1].argmax(-1)
+    full_ids = torch.cat([ids, tokens], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+    want = hf_logits(arch, full_ids, full_mask)
+    return float((got - want)[full_mask.bool()].pow(2).mean().sqrt())
 
 
 def table_rows(markdown: str) -> list[list[str]]:

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 from helpers import (
-    hf_logits,
     hf_model,
     kv_model,
     prefill_and_decode,
     prompts,
+    rms_logit_error,
     transform_reusing_trace,
 )
 from hypothesis import given, settings
@@ -41,25 +41,13 @@ def _calibrated(arch: str, ratio: float, ids, mask=None):
     return model
 
 
-def _rms_error(arch: str, model, steps: int = 0, seed: int = 0) -> float:
-    """RMS logit error against the original model over a padded batch and ``steps`` decode
-    steps (the decoded tokens fed back to the reference too)."""
-    ids, mask = prompts(2, 40, pads=[0, 3], seed=seed)
-    got = prefill_and_decode(model, ids, mask, steps)
-    tokens = got[:, ids.shape[1] - 1 : -1].argmax(-1)
-    full_ids = torch.cat([ids, tokens], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
-    want = hf_logits(arch, full_ids, full_mask)
-    return float((got - want)[full_mask.bool()].pow(2).mean().sqrt())
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_rank_is_the_original_model(arch):
     """Ratio 1 keeps every singular direction: the model's logits within 1e-5 (fp32), prefill in
     chunks and decode, full and streaming (whose budget then covers the sequence)."""
     for method, budget in (("full", None), ("streaming", 64)):
         model = _lorc(arch, 1.0, method, budget)
-        assert _rms_error(arch, model, steps=5) < 1e-5, method
+        assert rms_logit_error(arch, model, steps=5) < 1e-5, method
         for layer in model.layers:
             assert layer.storage.rank_k == layer.storage.width
 
@@ -67,7 +55,7 @@ def test_full_rank_is_the_original_model(arch):
 @settings(max_examples=6, deadline=None)
 @given(arch=st.sampled_from(ARCHS), seed=st.integers(0, 2**16))
 def test_the_logit_error_shrinks_as_the_rank_grows(arch, seed):
-    errors = [_rms_error(arch, _lorc(arch, r, schedule="uniform"), seed=seed)
+    errors = [rms_logit_error(arch, _lorc(arch, r, schedule="uniform"), seed=seed)
               for r in (0.25, 0.5, 0.75, 1.0)]  # fmt: skip
     assert errors == sorted(errors, reverse=True), errors
     assert errors[-1] < 1e-5
@@ -302,7 +290,7 @@ def test_calibrated_bases_are_the_principal_directions_of_the_rows(arch, seed):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_calibrated_full_rank_is_the_original_model(arch):
     model = _calibrated(arch, 1.0, *prompts(1, 24, seed=7))
-    assert _rms_error(arch, model, steps=3) < 1e-5
+    assert rms_logit_error(arch, model, steps=3) < 1e-5
 
 
 def test_calibration_restores_the_bases_when_its_pass_fails_and_dense_refuses():

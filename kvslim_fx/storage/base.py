@@ -23,6 +23,7 @@ left.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from typing import ClassVar
 
@@ -130,6 +131,10 @@ class Storage(nn.Module):
         r = rope.rotary_dim
         return torch.cat([out[..., :r] * rope.attention_scaling, out[..., r:]], dim=-1)
 
+    def rotated_new(self, k: Tensor, kv_pos: Tensor) -> Tensor:
+        """:meth:`rotated` for a step's new keys ``k [B, H_kv, L, D]`` at ``kv_pos [B, L]``."""
+        return self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
+
     def allocate(self, batch: int, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make room for ``rows`` rows (zeros), re-allocating only if the shape, dtype or
         device changes (a compiled model then keeps its graphs)."""
@@ -205,10 +210,9 @@ class Storage(nn.Module):
         """``kvslim::attend`` over the rows and the step's new tokens (its shapes; ``k`` as
         stored: before RoPE where the storage keeps keys so)."""
         s = self.site
-        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
         return torch.ops.kvslim.attend(
-            q, k, v, self.rotated(self.keys(), pos), self.values(), logc, pos, kv_pos, s.scale,
-            s.window, sink, recent, return_mass,
+            q, self.rotated_new(k, kv_pos), v, self.rotated(self.keys(), pos), self.values(), logc,
+            pos, kv_pos, s.scale, s.window, sink, recent, return_mass,
         )  # fmt: skip
 
     def attend_latent(
@@ -230,11 +234,11 @@ class Storage(nn.Module):
         latents ``(c_K, c_V)`` ``[B, 1, C_lat, r]`` with ``bases`` ``[(B,) H_kv·D, r]`` and whose
         other rows are ``dense`` ``[B, H_kv, R − C_lat, D]`` (keys before RoPE)."""
         s, rope = self.site, self.rope if self.rotates_at_read else None
-        k = self.rotated(k, kv_pos[:, None, :].expand(k.shape[:3]))
+        inv_freq = None if rope is None else rope.inv_freq.to(q.device)
         return torch.ops.kvslim.attend_latent(
-            q, k, v, *latents, *bases, *dense, logc, pos, kv_pos, s.scale, s.window, sink, recent,
-            return_mass, None if rope is None else rope.inv_freq.to(q.device),
-            0 if rope is None else rope.rotary_dim, 1.0 if rope is None else rope.attention_scaling,
+            q, self.rotated_new(k, kv_pos), v, *latents, *bases, *dense, logc, pos, kv_pos, s.scale,
+            s.window, sink, recent, return_mass, inv_freq, 0 if rope is None else rope.rotary_dim,
+            1.0 if rope is None else rope.attention_scaling,
         )  # fmt: skip
 
     def window_mass(
@@ -252,6 +256,19 @@ class Storage(nn.Module):
 
 
 STORAGES: dict[str, type[Storage]] = {}
+
+
+KEY_SHARE = "the keys' part of the numbers kept per token"
+
+
+def check_fraction(storage: str, name: str, value: object, *, closed: bool, meaning: str) -> float:
+    """``value`` as a float in (0, 1] (``closed``) or (0, 1); else an error naming the storage,
+    the option and what it means."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not (ok and value > 0 and (value <= 1 if closed else value < 1)):
+        bounds = "(0, 1]" if closed else "(0, 1)"
+        raise KVSlimError(f"{storage}: {name} must lie in {bounds} ({meaning}), got {value!r}")
+    return float(value)
 
 
 def register_storage(cls: type[Storage]) -> type[Storage]:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..errors import KVSlimError
 from ..kernels.attention import latent_rows
 from ..kernels.slots import gather_slots, slot_index
-from .base import Storage, register_storage
+from .base import KEY_SHARE, Storage, check_fraction, register_storage
 
 SCHEDULES = ("progressive", "uniform")
 
@@ -109,17 +109,13 @@ class LoRC(Storage):
         if not self.pre_rope:
             raise KVSlimError("lorc: keys are kept before RoPE (the basis spans un-rotated keys); "
                               "drop pre_rope=false")  # fmt: skip
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
-            raise KVSlimError(f"lorc: ratio must lie in (0, 1] (the kept fraction of the K/V "
-                              f"width), got {ratio!r}")  # fmt: skip
+        ratio = check_fraction("lorc", "ratio", ratio, closed=True,
+                               meaning="the kept fraction of the K/V width")  # fmt: skip
         if schedule not in SCHEDULES:
             raise KVSlimError(f"lorc: schedule must be one of {', '.join(SCHEDULES)}, "
                               f"got {schedule!r}")  # fmt: skip
-        if isinstance(key_share, bool) or not isinstance(key_share, int | float) \
-                or not 0 < key_share < 1:  # fmt: skip
-            raise KVSlimError(f"lorc: key_share must lie in (0, 1) (the keys' part of the numbers "
-                              f"kept per token), got {key_share!r}")  # fmt: skip
-        self.ratio, self.schedule, self.key_share = float(ratio), schedule, float(key_share)
+        key_share = check_fraction("lorc", "key_share", key_share, closed=False, meaning=KEY_SHARE)
+        self.ratio, self.schedule, self.key_share = ratio, schedule, key_share
         self.width = site.num_kv_heads * site.head_dim
         # Singular values and right singular vectors of each map (float64), kept until the
         # ranks are known (finish_layers).

@@ -27,14 +27,12 @@ have to edit ``U``'s rows, which nothing here does.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ..errors import KVSlimError
 from ..kernels.slots import gather_slots, slot_index
-from .base import register_storage
+from .base import KEY_SHARE, check_fraction, register_storage
 from .dense import Dense
 
 
@@ -100,13 +98,14 @@ class XKV(Dense):
                               "keys); drop pre_rope=false")  # fmt: skip
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise KVSlimError(f"xkv: group must be a whole number of layers >= 1, got {group!r}")
-        _check_fraction("ratio", ratio, high_closed=True)
-        _check_fraction("key_share", key_share, high_closed=False)
+        ratio = check_fraction("xkv", "ratio", ratio, closed=True,
+                               meaning="the kept fraction of the group's numbers")  # fmt: skip
+        key_share = check_fraction("xkv", "key_share", key_share, closed=False, meaning=KEY_SHARE)
         for name, rank in (("rank_k", rank_k), ("rank_v", rank_v)):
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
                                      or rank < 1):  # fmt: skip
                 raise KVSlimError(f"xkv: {name} must be a whole number >= 1, got {rank!r}")
-        self.group, self.ratio, self.key_share = group, float(ratio), float(key_share)
+        self.group, self.ratio, self.key_share = group, ratio, key_share
         self.width = site.num_kv_heads * site.head_dim
         numbers = 2 * group * self.width * self.ratio  # kept per token for the whole group
         self.rank_k = rank_k or max(1, round(numbers * self.key_share))
@@ -223,11 +222,3 @@ class XKV(Dense):
     def options(self) -> dict:
         return {**super().options(), "group": self.group, "ratio": self.ratio,
                 "key_share": self.key_share, **self._explicit}  # fmt: skip
-
-
-def _check_fraction(name: str, value: object, high_closed: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and value > 0
-    ok = ok and (value <= 1 if high_closed else value < 1) and math.isfinite(value)
-    if not ok:
-        bounds = "(0, 1]" if high_closed else "(0, 1)"
-        raise KVSlimError(f"xkv: {name} must lie in {bounds}, got {value!r}")
