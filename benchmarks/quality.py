@@ -114,6 +114,8 @@ WINDOW_FIELDS += SLOT_FIELDS
 # Perplexity differences to this method, at the same budget and on the same windows.
 BASELINE = "streaming"
 BOOTSTRAP = 10_000
+# Rows whose cache bytes differ by more than this are not "equal bytes".
+EQUAL_BYTES = 0.10
 CASE_FIELDS = ["method", "budget", "length", "correct", *MEANS, "threads"]
 
 
@@ -142,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's); 1 is much faster on cores shared with "
         "other jobs, where every small op of a decode step waits for a descheduled thread",
     )
+    p.add_argument(
+        "--equal-bytes",
+        default="",
+        metavar="METHODS",
+        help="comma-separated methods (e.g. streaming,snapkv): pair each other row with each "
+        "one's row of the nearest cache bytes (within 10 %%), paired over windows",
+    )
     p.add_argument("--out", default=OUT, help="output path stem")
     p.add_argument(
         "--peer",
@@ -167,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.tasks or any(t not in TASKS for t in args.tasks):
         p.error(f"--tasks are comma-separated, of {', '.join(TASKS)}; got {args.tasks}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.equal_bytes = [m.strip() for m in args.equal_bytes.split(",") if m.strip()]
     for spec in args.methods:
         try:
             name, options = parse_spec(spec)
@@ -480,6 +490,40 @@ def perplexity_table(rows: pd.DataFrame, windows: int) -> str:
         del columns["vs dense (95 % CI)"]
         align = align[:8] + align[9:]
     return markdown_table(pd.DataFrame(columns), align=align)
+
+
+def equal_bytes_table(tables: dict[str, pd.DataFrame], against: list[str]) -> str:
+    """Each complete perplexity row of ours against, for each method of ``against``, its complete
+    row of the nearest cache bytes (within :data:`EQUAL_BYTES`): the paired log-perplexity
+    difference over windows with its bootstrap interval, and both rows' needle and retrieval
+    accuracy at those budgets."""
+    ppl = tables["perplexity"]
+    ppl = ppl[ppl.complete & ~ppl.method.map(is_peer)]
+    accuracy = {SHORT[task]: rows.set_index(["method", "budget"]).quality
+                for task, rows in tables.items() if task != "perplexity"}  # fmt: skip
+    lines = []
+    for row in ppl[~ppl.method.isin(against)].itertuples():
+        line = {"method": row.method, "budget": row.budget,
+                "% of full": f"{100 * row.cache_bytes / row.full_cache_bytes:.1f}%"}  # fmt: skip
+        for other in against:
+            rows = ppl[ppl.method == other]
+            gap = np.log(rows.cache_bytes / row.cache_bytes).abs()
+            if rows.empty or gap.min() > math.log1p(EQUAL_BYTES):
+                continue
+            match = rows.loc[gap.idxmin()]
+            diffs = pd.Series(np.log(row.per_window) - np.log(match.per_window))
+            share = 100 * match.cache_bytes / match.full_cache_bytes
+            line[f"{other} at"] = f"{match.budget} ({share:.1f}%)"
+            line[f"ppl vs {other} (95 % CI)"] = _percent_interval(paired_interval(diffs))
+            for task, acc in accuracy.items():
+                pair = [acc.get((m, b)) for m, b in ((row.method, row.budget),
+                                                     (other, match.budget))]  # fmt: skip
+                line[f"{task}: vs {other}"] = " / ".join(
+                    "" if a is None else f"{100 * a:.0f}%" for a in pair
+                )
+        lines.append(line)
+    frame = pd.DataFrame(lines).fillna("")
+    return markdown_table(frame, align="ll" + "r" * (frame.shape[1] - 2))
 
 
 def _percent_interval(interval: tuple[float, float, float] | None) -> str:
@@ -831,6 +875,7 @@ def command(
         argv += ["--samples", str(args.samples)]
     argv += ["--dtype", args.dtype, "--seed", str(args.seed), "--chunk-size", str(args.chunk_size)]
     argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += ["--equal-bytes", ",".join(args.equal_bytes)] if args.equal_bytes else []
     argv += ["--out", args.out] if args.out != OUT else []
     argv += ["--peer", args.peer] if args.peer else []
     return shlex.join(argv)
@@ -893,6 +938,17 @@ def markdown(args: argparse.Namespace, tables: dict[str, pd.DataFrame], peer: di
                 perplexity_table(rows, args.windows),
                 "",
             ]
+            if args.equal_bytes:
+                md += [
+                    f"At equal cache bytes: each row against the row of "
+                    f"{', '.join(args.equal_bytes)} whose bytes are nearest (within "
+                    f"{EQUAL_BYTES:.0%}; none: blank), the perplexity ratio paired over the "
+                    f"windows with its 95 % bootstrap interval, and both rows' accuracies (ours / "
+                    f"theirs).",
+                    "",
+                    equal_bytes_table(tables, args.equal_bytes),
+                    "",
+                ]
             merged = rows[rows.merges.notna()]
             if not merged.empty:
                 md += [

@@ -335,3 +335,30 @@ def test_a_spec_may_carry_transform_options(quality, tmp_path):
     }
     assert cells["tova:prefill=full"]["peak_cache_bytes"] > cells["tova"]["peak_cache_bytes"]
     assert cells["tova:prefill=full"]["cache_bytes"] == cells["tova"]["cache_bytes"]
+
+
+def test_equal_bytes_pairs_each_row_with_the_nearest_bytes_within_ten_percent(quality):
+    def rows(*specs):
+        return pd.DataFrame(
+            [{"method": m, "budget": b, "cache_bytes": n, "full_cache_bytes": 1000,
+              "per_window": w, "quality": q, "complete": True} for m, b, n, w, q in specs]
+        )  # fmt: skip
+
+    ppl = rows(
+        ("full:storage=xkv", "all", 240, [10.0, 20.0, 30.0], None),
+        ("full:storage=int8", "all", 500, [10.0, 20.0, 30.0], None),
+        ("streaming", "0.2", 200, [11.0, 21.0, 33.0], None),
+        ("streaming", "0.25", 250, [12.0, 22.0, 31.0], None),
+    )
+    needle = rows(("full:storage=xkv", "all", 0, None, 1.0), ("streaming", "0.25", 0, None, 0.5))
+    text = quality.equal_bytes_table({"perplexity": ppl, "needle": needle}, ["streaming"])
+    head, *body = table_rows(text)
+    by_method = {row[0]: dict(zip(head, row, strict=True)) for row in body}
+    assert set(by_method) == {"full:storage=xkv", "full:storage=int8"}
+    xkv = by_method["full:storage=xkv"]
+    assert xkv["streaming at"] == "0.25 (25.0%)"  # 250 is nearer to 240 than 200
+    diffs = pd.Series([math.log(a / b) for a, b in zip([10, 20, 30], [12, 22, 31], strict=True)])
+    mean, low, high = (100 * math.expm1(x) for x in quality.paired_interval(diffs))
+    assert xkv["ppl vs streaming (95 % CI)"] == f"{mean:+.2f}% [{low:+.2f}, {high:+.2f}]"
+    assert xkv["needle: vs streaming"] == "100% / 50%"
+    assert by_method["full:storage=int8"]["streaming at"] == ""  # 500 is 2× 250: no match
