@@ -54,7 +54,8 @@ def test_cache_bytes_scale_with_budget():
     small.reset(batch_size=1, max_length=400)
     full = kv_model("llama", "full")
     full.reset(batch_size=1, max_length=400)
-    # K and V in fp32 plus logc (4 B) and pos (8 B) per slot and KV head; full rounds 400 → 448.
-    per_slot = 2 * 2 * (16 * 4 * 2 + 4 + 8)
+    # K and V in fp32 plus an int32 position per slot and KV head (no cardinality: nothing
+    # merges); full rounds 400 → 448.
+    per_slot = 2 * 2 * (16 * 4 * 2 + 4)
     assert small.cache_bytes() == 32 * per_slot
     assert full.cache_bytes() == 448 * per_slot
