@@ -518,9 +518,10 @@ def equal_bytes_table(tables: dict[str, pd.DataFrame], against: list[str]) -> st
             for task, acc in accuracy.items():
                 pair = [acc.get((m, b)) for m, b in ((row.method, row.budget),
                                                      (other, match.budget))]  # fmt: skip
-                line[f"{task}: vs {other}"] = " / ".join(
-                    "" if a is None else f"{100 * a:.0f}%" for a in pair
-                )
+                if pair != [None, None]:
+                    line[f"{task}: vs {other}"] = " / ".join(
+                        "" if a is None else f"{100 * a:.0f}%" for a in pair
+                    )
         lines.append(line)
     frame = pd.DataFrame(lines).fillna("")
     return markdown_table(frame, align="ll" + "r" * (frame.shape[1] - 2))
