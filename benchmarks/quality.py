@@ -953,13 +953,14 @@ def markdown(args: argparse.Namespace, tables: dict[str, pd.DataFrame], peer: di
             merged = rows[rows.merges.notna()]
             if not merged.empty:
                 md += [
-                    "Merges (merged pairs counted per KV head, summed over layers, mean over "
-                    "windows):",
+                    "Tokens merged or dropped (per KV head, summed over layers, mean over "
+                    "windows), and fallbacks (KVSlimmer's closed form or WeightedKV's fold "
+                    "weights replaced by a weighted mean):",
                     "",
                 ]
                 md += [
-                    f"- {r.method} {r.budget_slots:.0f}: {r.merges:.0f} merges, "
-                    f"{r.fallbacks:.0f} fallbacks to the score-weighted mean"
+                    f"- {r.method} {r.budget_slots:.0f}: {r.merges:.0f} merged or dropped, "
+                    f"{r.fallbacks:.0f} fallbacks"
                     for r in merged.itertuples()
                 ]
                 md.append("")
