@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import KVSlimError
 from .kernels.slots import gather_slots, put_slots, slot_index
 from .methods import Method, SlotLayout
 from .methods.scoring import fold_right
@@ -206,6 +207,11 @@ class LayerCache(nn.Module):
     def _merge(self, merge) -> None:
         """Pairs of rows: the storage combines them, the bookkeeping follows (``dst`` keeps its
         position, ``src`` is emptied; cardinalities add when the values are means)."""
+        if merge.counts and "logc" not in self.slot_state:
+            raise KVSlimError(
+                f"method {self.method.name!r} merges means (Merge.counts) but keeps no "
+                f"cardinalities: declare 'logc' (float32, 0.0) in its slot_state()"
+            )
         src, dst, do = merge.src, merge.dst, merge.do
         gap = gather_slots(self.pos, dst) - gather_slots(self.pos, src)
         self.storage.merge(src, dst, do, merge.key, merge.value, gap)

@@ -16,6 +16,7 @@ from kvslim_fx import KVSlimError
 from kvslim_fx.cache import LayerCache
 from kvslim_fx.methods import make_method
 from kvslim_fx.methods.scoring import fold_right
+from kvslim_fx.plan import Merge
 from kvslim_fx.storage import Dense
 
 METHODS = ("weightedkv", "h2o", "tova", "snapkv")
@@ -35,6 +36,20 @@ def slot_of(cache: LayerCache, b: int, h: int) -> dict[int, int]:
     """Position → slot of the occupied slots of row ``b``, head ``h``."""
     pos = cache.pos[b, h, : cache.capacity].tolist()
     return {p: s for s, p in enumerate(pos) if p >= 0}
+
+
+def test_a_merge_of_means_needs_the_policys_cardinalities():
+    """Only a policy that declares ``logc`` keeps cardinalities; a merge that averages values
+    (``Merge.counts``) without them is refused by name before anything is written."""
+    cache = layer_cache(make_method("h2o", 8), 8, 1, 2, 1, 4)
+    assert "logc" not in cache.slot_state and not cache.log_cardinality().any()
+    one = torch.ones(1, 1, 1)
+    slot = torch.zeros(1, 1, 1, dtype=torch.long)
+    merge = Merge(src=slot, dst=slot + 1, do=one.bool(), value=(one / 2, one / 2), counts=True)
+    before = cache.storage.v.clone()
+    with pytest.raises(KVSlimError, match=r"'h2o' merges means .* declare 'logc'"):
+        cache._merge(merge)
+    assert torch.equal(cache.storage.v, before)
 
 
 # --- WeightedKV: the paper's toy example and the merge algebra ---------------------------------

@@ -110,7 +110,9 @@ class Method:
         raise NotImplementedError
 
     def slot_state(self) -> dict[str, tuple[torch.dtype, float]]:
-        """Extra per-slot state: name → (dtype, value of an empty slot)."""
+        """Extra per-slot state: name → (dtype, value of an empty slot). A policy whose merges
+        keep means (``Merge.counts``) declares ``"logc": (torch.float32, 0.0)``, the slots' log
+        cardinalities, which attention then reads."""
         return {}
 
     def max_chunk(self, slots: int) -> int | None:
