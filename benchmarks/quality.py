@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         metavar="METHODS",
         help="comma-separated methods (e.g. streaming,snapkv): pair each other row with each "
-        "one's row of the nearest cache bytes (within 10 %%), paired over windows",
+        f"one's row of the nearest cache bytes (within {EQUAL_BYTES:.0%}%), paired over windows",
     )
     p.add_argument("--out", default=OUT, help="output path stem")
     p.add_argument(
