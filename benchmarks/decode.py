@@ -8,6 +8,7 @@ memory, cache bytes, the ratio to HF eager and the fraction of the memory-bandwi
     python benchmarks/decode.py --model tiny --contexts 64,256 --new-tokens 16   # smoke run
     python benchmarks/decode.py --contexts 8192 --threads 2 --tag 8k \
         --rows 'hf-*,streaming-2048-compile,kvslimmer-2048-compile'
+    python benchmarks/decode.py --contexts 512 --weights model,int8 --rows 'hf-*,full-compile*'
     python benchmarks/decode.py --device cuda --batch 1,8 --tag gpu   # bf16, 2k to 32k
 
 Rows (``--rows`` takes comma-separated shell patterns over these names):
@@ -25,33 +26,38 @@ Rows (``--rows`` takes comma-separated shell patterns over these names):
   A budget is a number of slots per layer or a fraction of the context (``round(frac * ctx)``).
   A cell whose budget holds the whole sequence is skipped (it compresses nothing).
   ``--storages dense,int8`` adds ``<method>+int8-<budget>-<mode>`` rows: the same policy over
-  the int8 storage.
+  the int8 storage. ``--weights model,int8`` adds every kvslim row over int8 linear weights
+  (``transform(..., weights="int8")``, torchao's per-row int8), its name ending in ``-w8``.
 
 Timing. Every cell first runs every shape its timed run will use (the prompt's prefill chunks
 and ``--warmup`` decode steps) on the same cache, so compilation is never timed; then the cache
-is reset and the timed run is one prefill and ``--new-tokens`` decode steps, each one forward over
-one token per row plus its argmax, like ``generate``. Step times come from ``perf_counter`` on a
-CPU and from CUDA events on a GPU (no host sync inside the loop); decode tokens/s =
-``batch / median step``. A compiled row records the graphs compiled during the timed run
+is reset and a timed run is one prefill and ``--new-tokens`` decode steps, each one forward over
+one token per row plus its argmax, like ``generate``; ``--repeats`` timed runs (default 5), each
+on a reset cache. Step times come from ``perf_counter`` on a CPU and from CUDA events on a GPU
+(no host sync inside the loop). A repeat's step time is its median step; a cell reports the
+median over repeats and their min and max (prefill likewise); decode tokens/s =
+``batch / median step``. A compiled row records the graphs compiled during the timed runs
 (``recompiles``, which should be 0). Inputs are seeded random token ids, no padding.
 
-Memory. Peak memory is what one decode run needs: the state it holds when it starts (a
-static or kvslim cache, allocated whole) plus the most it allocates on top while it prefills and
-decodes (a dynamic cache's growth, activations, logits). Weights, code and the compiler's
-leftovers are there before the run and not counted. On a GPU the growth is
-``max_memory_allocated``; on a CPU it is the peak RSS (``VmHWM``, reset just before the timed
-run, after ``malloc_trim`` has returned what the warm-up freed, so the run's allocations cannot
-hide in memory the allocator kept). RSS is per process and allocators keep memory, so each cell
-runs in its own subprocess (``--in-process`` to opt out: faster, CPU numbers then approximate);
-a crash (an OOM kill) then stays in its cell. The JSON also has the process's peak
-(``process_peak_bytes``: RSS, or CUDA memory reserved). Cache bytes: the HF cache's K/V tensors
-at the end of the run (a static cache is allocated whole), kvslim's ``cache_bytes()`` (K, V and
-per-slot metadata at capacity; ``full`` rounds its capacity up).
+Memory. Peak memory is what one decode run needs: the state it holds when it starts (a static or
+kvslim cache, allocated whole) plus the most it allocates on top while it prefills and decodes (a
+dynamic cache's growth, activations, logits). Weights, code and the compiler's leftovers are there
+before the run and not counted. On a GPU the growth is ``max_memory_allocated``; on a CPU it is the
+peak RSS (``VmHWM``, reset just before the timed run, after ``malloc_trim`` has returned what the
+warm-up freed, so the run's allocations cannot hide in memory the allocator kept); the largest over
+the repeats. RSS is per process and allocators keep memory, so each cell runs in its own subprocess
+(``--in-process`` to opt out: faster, CPU numbers then approximate); a crash (an OOM kill) then
+stays in its cell. The JSON also has the process's peak (``process_peak_bytes``: RSS, or CUDA
+memory reserved). Cache bytes: the HF cache's K/V tensors at the end of the run (a static cache is
+allocated whole), kvslim's ``cache_bytes()`` (K, V and per-slot metadata at capacity; ``full``
+rounds its capacity up).
 
-Roofline. A large tensor copy measures the memory bandwidth in the same run (GB/s, bytes read +
-written). A decode step must read every weight once (an untied input embedding only for the
-looked-up rows, so it is left out) and the K/V of every occupied cache slot; the floor is
-``bytes / bandwidth`` per step and a row's ``roofline`` is floor / measured step time.
+Roofline. Each cell measures the memory bandwidth in its own process, at its thread count,
+just before its timed runs: a large ``copy_`` (bytes read + written) and a ``sum`` (bytes
+read), best of 5 each; the floor takes the larger. A decode step must read every weight once
+as the row holds it (int8 weights: codes and scales; the output head whole, tied or not; an
+input embedding that is only looked up is left out) and the K/V of every occupied cache slot;
+the floor is ``bytes / bandwidth`` per step and a row's ``roofline`` is floor / median step.
 
 Writes ``OUT.json`` (every cell, per-step times, settings, versions), ``OUT.md`` (the table) and
 ``OUT.png`` (tokens/s against context per row); ``OUT`` is ``benchmarks/results/decode[-TAG]``.
@@ -103,6 +109,7 @@ class Row:
     budget: int | float | None = None  # slots, or a fraction of the context
     mode: str = "eager"  # "eager" | "compile" | "aoti"
     storage: str = "dense"  # a kvslim row's storage (kvslim_fx.STORAGES, with options)
+    weights: str = "model"  # a kvslim row's linear weights: transform(weights=...)
 
     def slots(self, context: int) -> int | None:
         if self.budget is None:
@@ -116,27 +123,36 @@ def budget_label(budget: int | float) -> str:
     return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
 
 
+# A kvslim row's name ends in its weights' tag (none for the model's own weights).
+WEIGHT_TAGS = {"model": "", "int8": "-w8"}
+
+
 def all_rows(
     methods: list[str],
     budgets: list[int | float],
     modes: list[str],
     storages: tuple[str, ...] = ("dense",),
+    weights: tuple[str, ...] = ("model",),
 ) -> list[Row]:
-    """HF's rows, full's per storage, then every method × storage × budget × mode; a row over a
-    storage other than dense is named ``<method>+<storage>-<budget>-<mode>``, e.g.
-    ``streaming+int8-2048-compile`` (``full+xkv-compile``)."""
+    """HF's rows, full's per storage, then every method × storage × budget × mode, each per
+    weights; a row over a storage other than dense is named ``<method>+<storage>-<budget>-<mode>``,
+    e.g. ``streaming+int8-2048-compile`` (``full+xkv-compile``), and one over int8 weights ends in
+    ``-w8`` (``streaming-2048-compile-w8``)."""
     rows = [Row("hf-eager", "hf-eager"), Row("hf-static-compile", "hf-static", mode="compile")]
-    for storage in storages:
-        label = "full" if storage == "dense" else f"full+{storage}"
-        rows += [Row(f"{label}-{m}", "kvslim", "full", None, m, storage)
-                 for m in ("eager", "compile", "aoti")]  # fmt: skip
-    for method in methods:
+    for w in weights:
+        tag = WEIGHT_TAGS[w]
         for storage in storages:
-            label = method if storage == "dense" else f"{method}+{storage}"
-            for budget in budgets:
-                for mode in modes:
-                    name = f"{label}-{budget_label(budget)}-{mode}"
-                    rows.append(Row(name, "kvslim", method, budget, mode, storage))
+            label = "full" if storage == "dense" else f"full+{storage}"
+            rows += [Row(f"{label}-{m}{tag}", "kvslim", "full", None, m, storage, w)
+                     for m in ("eager", "compile", "aoti")]  # fmt: skip
+    for w in weights:
+        for method in methods:
+            for storage in storages:
+                label = method if storage == "dense" else f"{method}+{storage}"
+                for budget in budgets:
+                    for mode in modes:
+                        name = f"{label}-{budget_label(budget)}-{mode}{WEIGHT_TAGS[w]}"
+                        rows.append(Row(name, "kvslim", method, budget, mode, storage, w))
     return rows
 
 
@@ -184,6 +200,27 @@ def roofline(weight_bytes: int, kv_bytes: float, bandwidth_gbs: float, step_s: f
     return {"floor_s": floor_s, "roofline": floor_s / step_s if step_s > 0 else None}
 
 
+def graph_weights_read_bytes(graph: torch.fx.GraphModule, state: set[int]) -> int:
+    """``weights_read_bytes`` of a transformed model's graph: every constant that is not cache
+    ``state`` (ids), int8 weights as their codes and scales, except a table read only by
+    embedding lookups."""
+    looked_up = set()
+    for node in graph.graph.nodes:
+        if (
+            node.op == "get_attr"
+            and node.users
+            and all(u.target is torch.ops.aten.embedding.default for u in node.users)
+        ):
+            looked_up.add(node.target)
+    tensors = {}
+    named = [*graph.named_parameters(remove_duplicate=False),
+             *graph.named_buffers(remove_duplicate=False)]  # fmt: skip
+    for name, t in named:
+        if id(t) not in state and name not in looked_up:
+            tensors[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(tensors.values())
+
+
 def weights_read_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights one decode step reads: every parameter once (tied ones once).
 
@@ -202,20 +239,28 @@ def weights_read_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def memory_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> float:
-    """GB/s of a large ``copy_`` (bytes read + written), best of ``repeats``."""
+def memory_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> dict[str, float]:
+    """GB/s this process moves with torch's current thread count, best of ``repeats``: a large
+    ``copy_`` (bytes read + written) and a ``sum`` (bytes read), and the larger of the two
+    (``gbs``, the floor's: a decode step mostly reads)."""
     n = mib * 2**20 // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # the first copy faults the destination's pages in: not timed
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n * 4 / min(times) / 1e9
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    copy = 2 * n * 4 / best(lambda: dst.copy_(src)) / 1e9
+    read = n * 4 / best(src.sum) / 1e9
+    return {"copy_gbs": copy, "read_gbs": read, "gbs": max(copy, read)}
 
 
 # ------------------------------------------------------------------------ measuring helpers
@@ -424,6 +469,9 @@ class HFDecoder:
             for t in (layer.keys, layer.values)
         )
 
+    def weight_bytes(self) -> int:
+        return weights_read_bytes(self.hf)
+
     def held_bytes(self) -> int:
         # A dynamic cache starts empty and grows during the run; a static one is all there.
         return self.cache_bytes() if self.static else 0
@@ -446,7 +494,7 @@ class KVSlimDecoder:
 
         self.batch, self.context, self.max_length = batch, context, max_length
         core = kvslim_fx.transform(hf, row.method, row.slots(context), chunk_size=args.chunk_size,
-                                   storage=row.storage)  # fmt: skip
+                                   storage=row.storage, weights=row.weights)  # fmt: skip
         core.reset(batch_size=batch, max_length=max_length, prompt_len=context)
         self.core = core
         self.model: Any = core
@@ -486,6 +534,10 @@ class KVSlimDecoder:
         if isinstance(self.model, _runner_type()):
             return int(self.model.meta["cache_bytes"])
         return self.core.cache_bytes()
+
+    def weight_bytes(self) -> int:
+        state = {id(t) for t, _ in self.core.state().values()}
+        return graph_weights_read_bytes(self.core.graph, state)
 
     def held_bytes(self) -> int:
         """Every state tensor (K, V, metadata, the trash slot), allocated before the run."""
@@ -536,7 +588,8 @@ def warmup_lengths(context: int, chunk: int) -> list[int]:
 
 @torch.no_grad()
 def run_cell(hf: Any, row: Row, context: int, batch: int, args) -> dict:
-    """Build the row, warm it up, then time one prefill and ``new_tokens`` decode steps."""
+    """Build the row, warm it up, measure the bandwidth, then time ``repeats`` runs of one
+    prefill and ``new_tokens`` decode steps."""
     device = hf.device
     n = args.new_tokens
     max_length = context + n
@@ -561,45 +614,38 @@ def run_cell(hf: Any, row: Row, context: int, batch: int, args) -> dict:
         build_s = time.perf_counter() - start
         graphs_warm = compiled_graphs()
 
-        dec.reset()
-        gc.collect()
-        sync(device)
-        memory = PeakMemory(device)
-        memory.start(dec.held_bytes())
-        t0 = time.perf_counter()
-        logits = dec.prefill(ids)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        sync(device)
-        prefill_s = time.perf_counter() - t0
-        marks = Marks(device)
-        marks.mark()
-        for _ in range(n):
-            token = dec.step(token)[:, -1].argmax(-1, keepdim=True)
-            marks.mark()
-        steps = marks.intervals()
-        decode_s = time.perf_counter() - t0 - prefill_s
-        peak, process_peak = memory.peak(), memory.process_peak()
-        held = memory.held
-
-        step_median = statistics.median(steps)
+        # The floor's bandwidth: this process, this thread count, before the timed runs.
+        bandwidth = memory_bandwidth(device, args.bandwidth_mib)
+        runs = [timed_run(dec, ids, n, device) for _ in range(args.repeats)]
+        prefills = [r["prefill_s"] for r in runs]
+        medians = [statistics.median(r["step_s"]) for r in runs]
+        step_median = statistics.median(medians)
         kv = kv_read_bytes(dec.slot_layers(), context, n)
         return {
             "status": "ok",
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "step_s": steps,
+            "repeats": len(runs),
+            # Each repeat's prefill and its median step; a figure is the median over repeats,
+            # its spread the repeats' min and max.
+            "prefill_runs_s": prefills,
+            "step_median_runs_s": medians,
+            "step_s": [r["step_s"] for r in runs],
+            "prefill_s": statistics.median(prefills),
+            "prefill_min_s": min(prefills),
+            "prefill_max_s": max(prefills),
             "step_median_s": step_median,
-            "step_mean_s": statistics.fmean(steps),
+            "step_min_s": min(medians),
+            "step_max_s": max(medians),
             "tokens_per_s": batch / step_median,
-            "tokens_per_s_mean": batch / statistics.fmean(steps),
-            "peak_mem_bytes": peak,
+            "peak_mem_bytes": max(r["peak"] for r in runs),
             "peak_mem_kind": "CUDA allocated" if device.type == "cuda" else "RSS",
-            "process_peak_bytes": process_peak,
-            "held_bytes": held,
+            "process_peak_bytes": max(r["process_peak"] for r in runs),
+            "held_bytes": runs[0]["held"],
             "cache_bytes": dec.cache_bytes(),
             "full_cache_bytes": full_kv_bytes(hf.config, max_length, hf.dtype, batch),
-            "weight_bytes": weights_read_bytes(hf),
+            "weight_bytes": dec.weight_bytes(),
             "kv_read_bytes": kv,
+            "bandwidth": bandwidth,
+            "bandwidth_gbs": bandwidth["gbs"],
             "build_s": build_s,
             "graphs_compiled": graphs_warm - graphs0,
             "recompiles": compiled_graphs() - graphs_warm,
@@ -609,6 +655,34 @@ def run_cell(hf: Any, row: Row, context: int, batch: int, args) -> dict:
     finally:
         if isinstance(dec, KVSlimDecoder):
             dec.close()
+
+
+def timed_run(dec: Any, ids: torch.Tensor, n: int, device: torch.device) -> dict:
+    """One timed prefill of ``ids`` and ``n`` decode steps on a reset cache, with its peak
+    memory."""
+    dec.reset()
+    gc.collect()
+    sync(device)
+    memory = PeakMemory(device)
+    memory.start(dec.held_bytes())
+    t0 = time.perf_counter()
+    logits = dec.prefill(ids)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+    marks = Marks(device)
+    marks.mark()
+    for _ in range(n):
+        token = dec.step(token)[:, -1].argmax(-1, keepdim=True)
+        marks.mark()
+    steps = marks.intervals()
+    return {
+        "prefill_s": prefill_s,
+        "step_s": steps,
+        "peak": memory.peak(),
+        "process_peak": memory.process_peak(),
+        "held": memory.held,
+    }
 
 
 def cell_record(row: Row, context: int, batch: int, args) -> dict:
@@ -730,17 +804,21 @@ def add_ratios(cells: list[dict]) -> None:
             )
 
 
-def add_roofline(cells: list[dict], bandwidth_gbs: float) -> None:
+def add_roofline(cells: list[dict]) -> None:
+    """Each cell's floor from the bandwidth its own process measured."""
     for c in cells:
         if c["status"] == "ok":
-            c |= roofline(c["weight_bytes"], c["kv_read_bytes"], bandwidth_gbs, c["step_median_s"])
+            c |= roofline(
+                c["weight_bytes"], c["kv_read_bytes"], c["bandwidth_gbs"], c["step_median_s"]
+            )
 
 
 def table(cells: list[dict]) -> str:
     """A markdown row per cell; ``–`` for a number a cell lacks (a failed one lacks them all)."""
     fields = ["row", "context", "batch", "status", "error", "reason", "recompiles", "prefill_s"]
-    fields += ["tokens_per_s", "step_median_s", "vs_hf_eager", "vs_hf_static", "peak_mem_bytes"]
-    fields += ["cache_bytes", "full_cache_bytes", "floor_s", "roofline"]
+    fields += ["prefill_min_s", "prefill_max_s", "tokens_per_s", "step_median_s", "step_min_s"]
+    fields += ["step_max_s", "vs_hf_eager", "vs_hf_static", "peak_mem_bytes", "cache_bytes"]
+    fields += ["full_cache_bytes", "bandwidth_gbs", "floor_s", "roofline"]
     c = pd.DataFrame(cells).reindex(columns=fields)
     why = c.error.fillna(c.reason).fillna("").str.replace("|", "/")  # a | would open a column
     why = why.where(why.str.len() <= 120, why.str[:119] + "…")
@@ -749,19 +827,28 @@ def table(cells: list[dict]) -> str:
         "row": c.row,
         "context": c.context,
         "batch": c.batch,
-        "prefill s": formatted(c.prefill_s, "{:.3f}", "–"),
+        "prefill s (min–max)": formatted(c.prefill_s, "{:.3f}", "–")
+        + spread(c.prefill_min_s, c.prefill_max_s, 1, "{:.3f}"),
         "decode tok/s": formatted(c.tokens_per_s, "{:.1f}", "–"),
-        "ms/step": formatted(c.step_median_s * 1e3, "{:.2f}", "–"),
+        "ms/step (min–max)": formatted(c.step_median_s * 1e3, "{:.2f}", "–")
+        + spread(c.step_min_s, c.step_max_s, 1e3, "{:.2f}"),
         "× HF eager": formatted(c.vs_hf_eager, "{:.2f}×", "–"),
         "× HF static": formatted(c.vs_hf_static, "{:.2f}×", "–"),
         "peak mem MiB": formatted(c.peak_mem_bytes / 2**20, "{:.1f}", "–"),
         "cache MiB": formatted(c.cache_bytes / 2**20, "{:.2f}", "–"),
         "% of full": formatted(100 * c.cache_bytes / c.full_cache_bytes, "{:.1f}%", "–"),
+        "GB/s": formatted(c.bandwidth_gbs, "{:.1f}", "–"),
         "floor ms": formatted(c.floor_s * 1e3, "{:.2f}", "–"),
         "roofline": formatted(c.roofline, "{:.0%}", "–"),
         "note": recompiled.where(c.status.eq("ok"), c.status + ": " + why),
     }
-    return markdown_table(pd.DataFrame(columns), align="l" + "r" * 12 + "l")
+    return markdown_table(pd.DataFrame(columns), align="l" + "r" * 13 + "l")
+
+
+def spread(lo: pd.Series, hi: pd.Series, scale: float, fmt: str) -> pd.Series:
+    """`` (lo–hi)``: the repeats' range; empty where a cell has none."""
+    text = " (" + (lo * scale).map(fmt.format) + "–" + (hi * scale).map(fmt.format) + ")"
+    return text.where(lo.notna() & hi.notna(), "")
 
 
 def plot(cells: list[dict], path: Path, title: str) -> bool:
@@ -793,7 +880,8 @@ def plot(cells: list[dict], path: Path, title: str) -> bool:
             if row.startswith("hf-"):
                 ls, marker, colour = "--", "s" if row == "hf-eager" else "^", "black"
             else:
-                ls, marker = mode_style[row.rsplit("-", 1)[-1]]
+                mode = next(c["mode"] for c in cells if c["row"] == row)
+                ls, marker = mode_style[mode]
                 colour = colours[i % len(colours)]
             ax.plot(*zip(*pts, strict=True), ls=ls, marker=marker, color=colour, label=row, ms=4)
         # The floor of a full cache, as the rows of HF eager measured it.
@@ -884,6 +972,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8 (default: 1)")
     p.add_argument("--new-tokens", type=int, default=64, help="timed decode steps (default: 64)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps per cell")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per cell (prefill + decode; default: 5)"
+    )
     p.add_argument("--rows", help="comma-separated shell patterns over row names (default: all)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"(default: {DEFAULT_METHODS})")
     p.add_argument(
@@ -895,6 +986,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storages",
         default="dense",
         help="storages of the method rows, e.g. dense,int8 (default: dense)",
+    )
+    p.add_argument(
+        "--weights",
+        default="model",
+        help="linear weights of the kvslim rows: model (as loaded), int8 (transform's "
+        "weights='int8', rows named ...-w8), or both: model,int8 (default: model)",
     )
     p.add_argument(
         "--method-modes",
@@ -959,11 +1056,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         storages = tuple(x.strip() for x in args.storages.split(",") if x.strip())
         for storage in storages:
             make_storage(storage)
-        args.row_list = select_rows(all_rows(methods, budgets, modes, storages), args.rows)
+        weights = tuple(x.strip() for x in args.weights.split(",") if x.strip())
+        if set(weights) - set(WEIGHT_TAGS):
+            raise ValueError(f"--weights takes {', '.join(WEIGHT_TAGS)}; got {args.weights}")
+        rows = all_rows(methods, budgets, modes, storages, weights)
+        args.row_list = select_rows(rows, args.rows)
     except ValueError as err:
         p.error(str(err))
-    if args.new_tokens < 1 or any(c < 1 for c in args.context_list):
-        p.error("--new-tokens and --contexts must be positive")
+    if args.new_tokens < 1 or args.repeats < 1 or any(c < 1 for c in args.context_list):
+        p.error("--new-tokens, --repeats and --contexts must be positive")
     stem = args.out or f"benchmarks/results/decode{'-' + args.tag if args.tag else ''}"
     args.out_stem = str(stem)
     return args
@@ -986,11 +1087,6 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(resolve_model(args.model))  # converts the default model once, here
 
-    bandwidth = memory_bandwidth(device, args.bandwidth_mib)
-    log(
-        f"memory bandwidth ({args.bandwidth_mib} MiB copy, {torch.get_num_threads()} threads): "
-        f"{bandwidth:.1f} GB/s"
-    )
     hf = None
     if args.in_process:
         preload()
@@ -1008,7 +1104,6 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "argv": sys.argv[1:] if argv is None else argv,
         "environment": env,
-        "bandwidth_gbs": bandwidth,
         "cells": [],
     }
     cells: list[dict] = results["cells"]
@@ -1042,7 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(
                         f"{row.name} context={context} batch={batch}: prefill "
                         f"{result['prefill_s']:.2f} s, {result['tokens_per_s']:.1f} tok/s "
-                        f"(built and warmed up in {result['build_s']:.1f} s)"
+                        f"({result['repeats']} repeats; built and warmed up in "
+                        f"{result['build_s']:.1f} s; {result['bandwidth_gbs']:.1f} GB/s)"
                     )
                 else:
                     log(f"{row.name} context={context} batch={batch}: {result['error']}")
@@ -1050,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_results(out.with_suffix(".json"), results)
 
     add_ratios(cells)
-    add_roofline(cells, bandwidth)
+    add_roofline(cells)
     save_results(out.with_suffix(".json"), results)
     text = table(cells)
     print(text)
@@ -1066,13 +1162,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{model_name} ({args.dtype}) on {env['device']} ({args.device}, "
         f"{env['threads']} thread(s)), torch {env['torch']}, transformers {env['transformers']}, "
         f"commit {env['commit']}, {env['date']}. Random prompts of exactly `context` tokens, "
-        f"then {args.new_tokens} timed greedy decode steps after warm-up; tokens/s = batch / "
-        f"median step. Peak memory: the cache held at the start of the timed run plus the peak "
+        f"then {args.new_tokens} timed greedy decode steps after warm-up, the whole run "
+        f"(prefill and decode) repeated {args.repeats} times: a figure is the median over the "
+        f"repeats (a repeat's step time: its median step), in brackets the repeats' min–max; "
+        f"tokens/s = batch / median step. Peak memory: the cache held at the start of a timed "
+        f"run plus the peak "
         f"{'CUDA allocation' if device.type == 'cuda' else 'RSS'} growth on top of it during "
         f"prefill and decode (weights and compiled code excluded), {isolation}. Cache: K/V bytes "
         f"(kvslim: with per-slot metadata, at capacity); % of an uncompressed cache of context "
-        f"+ new tokens. Roofline: measured copy bandwidth {bandwidth:.1f} GB/s; floor = "
-        f"(weights + occupied K/V) / bandwidth per step; roofline = floor / measured step.",
+        f"+ new tokens. Roofline: floor = bytes a decode step must read / bandwidth; the bytes "
+        f"are every weight once as the row holds it (int8 weights (`-w8` rows): their codes and "
+        f"scales; the output head, tied to the input embedding or not, read whole; an input "
+        f"embedding only looked up is left out) plus the K/V of every occupied slot; GB/s is "
+        f"measured in the row's own process at its thread count just before its timed runs (the "
+        f"larger of a {args.bandwidth_mib} MiB copy, read + written, and a read of it); "
+        f"roofline = floor / median step.",
         "",
         text,
         "",

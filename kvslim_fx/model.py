@@ -72,7 +72,8 @@ class KVSlimModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.graph.parameters()).dtype
+        # Int8 linear weights are buffers; the embedding and the norms keep the model's dtype.
+        return next(p.dtype for p in self.graph.parameters() if p.is_floating_point())
 
     def reset(
         self,

@@ -13,6 +13,7 @@ from .errors import KVSlimError
 from .methods import make_method
 from .methods.base import positive
 from .model import KVSlimModel, _max_positions
+from .passes.int8_linear import int8_placeholders, quantize_linears
 from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
 from .storage import make_storage
@@ -21,7 +22,10 @@ DEFAULT_CHUNK = 512
 PREFILL_MODES = ("bounded", "full")
 # transform()'s own keyword options (the rest of **options belong to the method); a benchmark's
 # method spec (kvslimmer:prefill=full:recent=64) may carry either.
-TRANSFORM_OPTIONS = ("chunk_size", "prefill", "prefill_window", "storage", "budget_schedule")
+TRANSFORM_OPTIONS = (
+    "chunk_size", "prefill", "prefill_window", "storage", "budget_schedule", "weights"
+)  # fmt: skip
+WEIGHTS = ("model", "int8")
 
 
 def transform(
@@ -34,6 +38,7 @@ def transform(
     prefill_window: int = 64,
     storage: str = "dense",
     budget_schedule: str | list[int] = "uniform",
+    weights: str = "model",
     **options,
 ) -> KVSlimModel:
     """Return ``model`` with every attention layer replaced by a fixed-capacity cached attention.
@@ -58,6 +63,12 @@ def transform(
             each), ``"pyramid"`` (PyramidKV: more slots in the lower layers, decreasing linearly,
             the same total), or a list of slots per layer (``budget`` is then their mean and may
             be left out).
+        weights: ``"model"``: the linear weights as the model holds them (a model that torchao's
+            ``quantize_(model, Int8WeightOnlyConfig())`` converted decodes from its int8
+            weights); ``"int8"``: quantize the traced graph's linear weights the same way
+            (symmetric int8, a scale per output row; the model passed in keeps its weights).
+            Int8 weights are read as int8 by a compiled or packaged decode step
+            (:mod:`kvslim_fx.passes.int8_linear`).
         **options: the method's own options (e.g. ``sink``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -67,6 +78,8 @@ def transform(
     if prefill not in PREFILL_MODES:
         raise KVSlimError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
     positive("prefill_window", prefill_window)
+    if weights not in WEIGHTS:
+        raise KVSlimError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     schedule = check_schedule(budget_schedule)
     if not isinstance(schedule, str) and budget is None:
         budget = max(1, round(sum(schedule) / len(schedule)))
@@ -77,7 +90,7 @@ def transform(
     arch = getattr(config, "model_type", type(model).__name__)
     max_pos = _max_positions(config)
 
-    with _sdpa_attention(model, arch), torch.no_grad():
+    with _sdpa_attention(model, arch), int8_placeholders(model) as int8, torch.no_grad():
         example = torch.zeros(2, 8, dtype=torch.long, device=_device(model))
         # Real positions: all-zero ones would make HF's mask code trace a packed-sequence path.
         positions = torch.arange(8, device=example.device).expand(2, 8).clone()
@@ -102,6 +115,9 @@ def transform(
     out_keys = _output_keys(gm)
     if "logits" not in out_keys:
         raise KVSlimError(f"{arch}: the traced model returns {out_keys}, not logits")
+    # Before the attention rewrite: a storage that factors the projections (LoRC) then
+    # factors the int8 weights the model will run with.
+    quantize_linears(gm, int8, quantize=weights == "int8")
     num_layers = getattr(config, "num_hidden_layers", 0)
     try:
         wants_rope = algo.needs_rope or store.pre_rope

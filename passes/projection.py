@@ -6,8 +6,9 @@ cache receives (``[B, H_kv, L, D]``, keys before RoPE). :func:`projection_of` wa
 that node through the reshapes HF puts after the projection (``view``, ``transpose``), a slice
 or split of a fused projection (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``), casts, and a
 per-head norm applied after the projection (Gemma3, Qwen3, OLMo2 normalise keys), to the
-``linear`` / ``addmm`` node, and returns the rows of its weight (and bias) that produce the
-cached tensor's ``H_kv · D`` channels in the cache's order.
+``linear`` / ``addmm`` node (or an int8 :func:`~.int8_linear.linear_int8`: its weight
+dequantized), and returns the rows of its weight (and bias) that produce the cached tensor's
+``H_kv · D`` channels in the cache's order.
 
 A norm between the projection and the cache is not linear: the map then describes the keys up
 to each head's scale and the norm's weight, and :attr:`Projection.exact` is False.
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
+
+from .int8_linear import linear_int8
 
 __all__ = ["Projection", "projection_of"]
 
@@ -107,6 +110,10 @@ def projection_of(gm: fx.GraphModule, node: fx.Node) -> Projection:
             weight = _attr(gm, cur.args[1])
             bias = _attr(gm, cur.args[2]) if len(cur.args) > 2 and cur.args[2] is not None else None
             return _rows(weight, bias, offset, end, width, exact)
+        elif _call(cur, {linear_int8}):  # int8 weights: the map is the dequantized one
+            codes, scale = _attr(gm, cur.args[1]), _attr(gm, cur.args[2])
+            bias = _attr(gm, cur.args[3]) if cur.args[3] is not None else None
+            return _rows(codes.to(scale.dtype) * scale[:, None], bias, offset, end, width, exact)
         elif _call(cur, {_aten.addmm.default}):  # GPT-2's Conv1D: bias + x @ W, W [d_in, out]
             weight, bias = _attr(gm, cur.args[2]).T, _attr(gm, cur.args[0])
             return _rows(weight, bias, offset, end, width, exact)

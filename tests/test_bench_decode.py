@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import table_rows
+
+import kvslim_fx
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
 _spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
@@ -43,6 +46,37 @@ def test_rows_cover_hf_full_and_every_method_budget_and_mode():
     row = rows[names.index("h2o-25%-eager")]
     assert (row.method, row.mode, row.slots(8192)) == ("h2o", "eager", 2048)
     assert rows[names.index("streaming-2048-compile")].slots(512) == 2048
+
+
+def test_int8_weight_rows_repeat_every_kvslim_row_with_a_tag():
+    rows = decode.all_rows(["streaming"], [2048], ["compile"], weights=("model", "int8"))
+    names = [r.name for r in rows]
+    assert names == ["hf-eager", "hf-static-compile", "full-eager", "full-compile", "full-aoti",
+                     "full-eager-w8", "full-compile-w8", "full-aoti-w8",
+                     "streaming-2048-compile", "streaming-2048-compile-w8"]  # fmt: skip
+    assert rows[-1].weights == "int8" and rows[-2].weights == "model"
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--weights", "model,int4"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_transformed_models_weight_bytes_count_int8_weights_as_codes_and_scales(tied):
+    hf = decode.tiny_model(512)
+    if tied:
+        hf.get_output_embeddings().weight = hf.get_input_embeddings().weight
+    linears = [m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear)]
+    for weights in ("model", "int8"):
+        core = kvslim_fx.transform(hf, "full", weights=weights)
+        core.reset(batch_size=1, max_length=64)
+        state = {id(t) for t, _ in core.state().values()}
+        got = decode.graph_weights_read_bytes(core.graph, state)
+        # The parameters, plus the model's buffers (RoPE's frequencies), which the graph holds.
+        want = decode.weights_read_bytes(hf) + sum(
+            b.numel() * b.element_size() for b in hf.buffers()
+        )
+        if weights == "int8":  # each [N, K] float weight read as N·K codes and N scales
+            want -= sum(w.numel() * w.element_size() - w.numel() - 4 * w.shape[0] for w in linears)
+        assert got == want
 
 
 def test_row_patterns_select_in_order_and_reject_typos():
@@ -101,6 +135,11 @@ def _cell(row: str, tps: float, **extra) -> dict:
         "tokens_per_s": tps,
         "step_median_s": 1 / tps,
         "prefill_s": 0.5,
+        "prefill_min_s": 0.45,
+        "prefill_max_s": 0.625,
+        "step_min_s": 0.9 / tps,
+        "step_max_s": 1.25 / tps,
+        "bandwidth_gbs": 1e-6,  # 1000 bytes at 1 kB/s: a 1 s floor
         "peak_mem_bytes": 2**20,
         "cache_bytes": 2**20,
         "full_cache_bytes": 2**22,
@@ -133,7 +172,7 @@ def test_report_ratios_and_failed_rows():
         _cell("full-eager", 5.0, batch=8),  # no HF row at batch 8: no ratio
     ]
     decode.add_ratios(cells)
-    decode.add_roofline(cells, bandwidth_gbs=1e-6)  # 1000 bytes at 1 kB/s: a 1 s floor
+    decode.add_roofline(cells)
     assert cells[2]["vs_hf_eager"] == pytest.approx(3.0)
     assert cells[2]["vs_hf_static"] == pytest.approx(1.5)
     assert cells[5]["vs_hf_eager"] is None
@@ -147,9 +186,10 @@ def test_report_ratios_and_failed_rows():
     # escaped so it does not open a column).
     assert len({line.count("|") for line in lines}) == 1
     rows = table_rows(text)
-    assert rows[3] == ["full-compile", "512", "1", "0.500", "30.0", "33.33", "3.00×", "1.50×",
-                       "1.0", "1.00", "25.0%", "1000.00", "3000%", ""]  # fmt: skip
-    assert rows[4] == ["snapkv-25%-compile", "512", "1", *["–"] * 10,
+    assert rows[3] == ["full-compile", "512", "1", "0.500 (0.450–0.625)", "30.0",
+                       "33.33 (30.00–41.67)", "3.00×", "1.50×", "1.0", "1.00", "25.0%", "0.0",
+                       "1000.00", "3000%", ""]  # fmt: skip
+    assert rows[4] == ["snapkv-25%-compile", "512", "1", *["–"] * 11,
                        "error: KVSlimError: no / room"]  # fmt: skip
     assert rows[5][-1] == "skipped: budget 2048 ≥ sequence 576"
     assert rows[6][6:8] == ["–", "–"]  # batch 8: no HF row to compare with

@@ -18,7 +18,8 @@ CASES = [
     ("streaming", 40, {"storage": "lorc"}),
     # Keys kept before RoPE (test_pre_rope.py): merged unrotated, rotated when read.
     ("kvslimmer", 48, {"sink": 4, "recent": 4, "storage": "dense:pre_rope=true"}),
-    ("weightedkv", 40, {}),
+    # Int8 weights (test_int8_weights.py): a batch-2 decode step reads the codes as a reduction.
+    ("weightedkv", 40, {"weights": "int8"}),
     # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
     # machinery too (test_registration.py shows it equals H2O without the decay).
     ("decayed", 40, {}),

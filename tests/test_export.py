@@ -21,18 +21,17 @@ from kvslim_fx import KVSlimError
     # The ring layout by full, over the lorc storage (latents and bases); "decayed" is a user's
     # own policy (tests/user_policy.py) over a user's own storage with state shared by layers
     # (tests/user_storage.py), keys kept before RoPE; WeightedKV (its folds, a staged decode
-    # token) over the int8 storage.
+    # token) over the int8 storage, with int8 weights.
     params=[
-        ("full", None, 1, "lorc"),
-        ("kvslimmer", 48, 2, "dense"),
-        ("weightedkv", 40, 1, "int8"),
-        ("decayed", 40, 2, "tally:pre_rope=true"),
+        ("full", None, 1, "lorc", {}),
+        ("kvslimmer", 48, 2, "dense", {"sink": 4, "recent": 4}),
+        ("weightedkv", 40, 1, "int8", {"weights": "int8"}),
+        ("decayed", 40, 2, "tally:pre_rope=true", {}),
     ],
     ids=lambda p: p[0] if p[3] == "dense" else f"{p[0]}-{p[3].split(':')[0]}",
 )
 def package(request, tmp_path_factory):
-    method, budget, batch, storage = request.param
-    options = {"sink": 4, "recent": 4} if method == "kvslimmer" else {}
+    method, budget, batch, storage, options = request.param
     model = kv_model("llama", method, budget, chunk_size=32, storage=storage, **options)
     path = tmp_path_factory.mktemp("pkg") / f"{method}.pt2"
     kvslim_fx.export(model, path, batch_size=batch, max_length=160)
@@ -67,9 +66,16 @@ def test_package_holds_both_programs_and_the_weights_once(package):
         weights = sum(i.file_size for i in archive.infolist() if "/data/weights/" in i.filename)
     programs = {n.split("/aotinductor/")[1].split("/")[0] for n in names if "/aotinductor/" in n}
     assert programs == {"step", "decode"}
-    params = sum(p.numel() * p.element_size() for p in model.graph.parameters())
+    # The model's constants: parameters, and buffers other than the cache (int8 weights' codes
+    # and scales, LoRC's bases).
+    state = {id(t) for t, _ in model.state().values()}
+    constants = [
+        *model.graph.parameters(),
+        *(b for b in model.graph.buffers() if id(b) not in state),
+    ]
+    size = sum(t.numel() * t.element_size() for t in constants)
     # Each weight tensor is pickled once (a small header each), not once per program.
-    assert params <= weights <= 1.25 * params + 2048 * len(list(model.graph.parameters()))
+    assert size <= weights <= 1.25 * size + 2048 * len(constants)
 
 
 def test_package_path_must_end_in_pt2(tmp_path):
