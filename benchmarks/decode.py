@@ -522,7 +522,8 @@ class KVSlimDecoder:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         mask = torch.ones_like(ids)
         for i in range(0, ids.shape[1], self.chunk_size):  # generate()'s chunk loop
-            logits = self.model(ids[:, i : i + self.chunk_size], mask[:, i : i + self.chunk_size])
+            chunk = slice(i, i + self.chunk_size)
+            logits = self.model(ids[:, chunk].contiguous(), mask[:, chunk].contiguous())
         # As generate(): a storage's prompt-end hook (xkv factors the prompt here).
         self.model.end_prompt()
         return logits

@@ -78,7 +78,10 @@ def generate(
     core.reset(batch_size=B, max_length=P + max_new_tokens, prompt_len=P)
     chunk = core.chunk_size
     for i in range(0, P, chunk):
-        logits = model(input_ids[:, i : i + chunk], attention_mask[:, i : i + chunk])
+        # Contiguous chunks: a column slice has the prompt's row stride, on which a compiled
+        # model's guards would recompile for every new prompt length at batch > 1.
+        ids = input_ids[:, i : i + chunk].contiguous()
+        logits = model(ids, attention_mask[:, i : i + chunk].contiguous())
     core.end_prompt()
     sequences = [input_ids]
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)

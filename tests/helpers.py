@@ -132,13 +132,15 @@ def smallest_budget(name: str, options: dict, length: int) -> int:
 
 
 class CountingBackend:
-    """Inductor, counting every graph dynamo hands it (one per compilation)."""
+    """Inductor (or, with ``inductor=False``, the graph as dynamo traced it), counting every
+    graph dynamo hands it (one per compilation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inductor: bool = True) -> None:
         self.graphs = 0
+        self.inductor = inductor
 
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs) if self.inductor else gm.forward

@@ -53,3 +53,22 @@ def test_compiled_decode_is_one_graph_without_recompiles(method, budget, options
     assert ids.shape[1] + 50 > budget
     if method != "streaming":
         assert model.layers[0].merge_stats[0] > 0
+
+
+def test_batch_8_prompts_of_other_lengths_reuse_the_graphs():
+    # generate() feeds a long prompt in chunks; a column slice of a [8, P] prompt has row
+    # stride P, and dynamo guards on strides: each new prompt length recompiled (batch 1 has no
+    # row stride to guard on). The guards are dynamo's, so the backend need not be Inductor.
+    model = kv_model("llama", "streaming", 40, chunk_size=32)
+    ids, mask = prompts(8, 96, [0, 5, 0, 0, 9, 0, 0, 1], seed=2)
+    torch._dynamo.reset()
+    backend = CountingBackend(inductor=False)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    # Warm-up: a prompt of one chunk (its own tensor), then decode steps.
+    short = ids[:, :32].contiguous(), mask[:, :32].contiguous()
+    kvslim_fx.generate(compiled, *short, max_new_tokens=3, eos_token_id=[])
+    warm = backend.graphs
+    got = kvslim_fx.generate(compiled, ids, mask, max_new_tokens=20, eos_token_id=[])
+    assert backend.graphs == warm, "a batch-8 prompt of a new length recompiled"
+    want = kvslim_fx.generate(model, ids, mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(got, want)
