@@ -21,6 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvslim_fx.kernels import attention_triton
 from kvslim_fx.kernels.attention import (
+    _attend_unmasked,
+    _visible,
     attend_latent_reference,
     attend_reference,
     attend_sdpa,
@@ -321,6 +323,52 @@ def test_sdpa_path_matches_reference(B, H_kv, G, L, C, D, window, sink, recent, 
     op_out, no_mass = torch.ops.kvslim.attend(*args, 0.4, window, sink, recent, False)
     assert no_mass.shape == (0,)
     torch.testing.assert_close(op_out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="PyTorch's fused CPU attention path")
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    H_kv=st.integers(1, 3),
+    G=st.integers(1, 3),
+    L=st.integers(1, 9),
+    n=st.integers(0, 12),
+    empty=st.integers(0, 5),
+    window=st.sampled_from([0, 0, 4, 30]),
+    sink=st.integers(0, 4),
+    recent=st.sampled_from([0, 0, 4, 30]),
+    merged=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_prompt_chunk_after_an_occupied_prefix_skips_the_masks(
+    B, H_kv, G, L, n, empty, window, sink, recent, merged, seed
+):
+    """Eager prefill's fast path: a chunk without pads after ``n`` occupied slots (one token
+    each, all older) attends without masks, and only where every key is visible; it equals the
+    reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, cache_k, cache_v, _, _, _ = _make_inputs(B, H_kv, G, L, n + empty, 8, seed)
+    start = n + int(torch.randint(0, 4, (), generator=gen))
+    q_pos = (start + torch.arange(L)).expand(B, L).contiguous()
+    cache_pos = torch.full((B, H_kv, n + empty), -1)
+    cache_pos[..., :n] = torch.randperm(start, generator=gen)[:n].sort().values
+    logc = torch.zeros(B, H_kv, n + empty)
+    if merged and n:
+        logc[..., 0] = 1.0  # a merged slot: its log c is a bias, so the masks stay
+    args = (q, k, v, cache_k, cache_v, logc, cache_pos, q_pos, 0.4, window, sink, recent)
+    want, _ = attend_reference(*args)
+    fast = _attend_unmasked(*args)
+    # Every causal pair visible (the reference's own rule), and no slot's log c a bias.
+    keys = torch.cat([cache_pos[..., :n], q_pos[:, None].expand(B, H_kv, L)], dim=2)
+    causal = keys[:, :, None, :] <= q_pos[:, None, :, None]
+    vis = _visible(q_pos[:, None, :, None], keys[:, :, None, :], window, sink, recent)
+    sees_all = torch.equal(vis, causal) and not (merged and n)
+    if window == 0 and recent == 0 and not (merged and n):
+        assert fast is not None
+    if fast is not None:
+        assert sees_all
+        torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend_sdpa(*args)[0], want, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
