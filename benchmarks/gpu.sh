@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: set up Python, run the test suite on the GPU (the Triton
 # kernels for real, against their PyTorch references and F.scaled_dot_product_attention), then
-# the decode benchmark in bf16 up to 32k tokens of context. Everything lands in
+# the decode benchmark in bf16 up to 32k tokens of context, over float and int8 weights (rows
+# ending in -w8), each cell the median of 5 repeats with its min–max. Everything lands in
 # benchmarks/results/gpu-* (and in $OUT too when the device tool sets it, so it comes back):
 #
 #   bash benchmarks/gpu.sh                                 # tests, then the benchmark
@@ -129,7 +130,7 @@ if [[ $STAGES == *bench* ]]; then
     say "decode benchmark (no new cell after $BENCH_SECONDS s) -> $stem.*"
     set +e
     "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 \
-        --batch 1,8 --storages dense,int8 \
+        --batch 1,8 --storages dense,int8 --weights model,int8 \
         --rows 'hf-*,full-*,streaming-*,streaming+int8-*,kvslimmer-*' --in-process \
         --time-limit "$BENCH_SECONDS" --out "$stem" "${MODEL_ARGS[@]}" "$@"
     bench=$?
