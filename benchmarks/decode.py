@@ -200,25 +200,27 @@ def roofline(weight_bytes: int, kv_bytes: float, bandwidth_gbs: float, step_s: f
     return {"floor_s": floor_s, "roofline": floor_s / step_s if step_s > 0 else None}
 
 
-def graph_weights_read_bytes(graph: torch.fx.GraphModule, state: set[int]) -> int:
-    """``weights_read_bytes`` of a transformed model's graph: every constant that is not cache
-    ``state`` (ids), int8 weights as their codes and scales, except a table read only by
-    embedding lookups."""
-    looked_up = set()
-    for node in graph.graph.nodes:
-        if (
-            node.op == "get_attr"
-            and node.users
-            and all(u.target is torch.ops.aten.embedding.default for u in node.users)
-        ):
-            looked_up.add(node.target)
-    tensors = {}
-    named = [*graph.named_parameters(remove_duplicate=False),
-             *graph.named_buffers(remove_duplicate=False)]  # fmt: skip
-    for name, t in named:
-        if id(t) not in state and name not in looked_up:
-            tensors[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(tensors.values())
+def model_weights_read_bytes(core: Any, state: set[int]) -> int:
+    """``weights_read_bytes`` of a transformed model: every constant of its graph and its head
+    that is not cache ``state`` (ids), int8 weights as their codes and scales, except a table
+    only ever read by embedding lookups."""
+    whole, looked_up = set(), set()
+    for module in (core.graph, core.head):
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "get_attr" and node.users:
+                owner, _, leaf = node.target.rpartition(".")
+                ptr = getattr(module.get_submodule(owner), leaf).data_ptr()
+                embedding = all(u.target is torch.ops.aten.embedding.default for u in node.users)
+                (looked_up if embedding else whole).add(ptr)
+    sizes = {}
+    named = [*core.named_parameters(remove_duplicate=False),
+             *core.named_buffers(remove_duplicate=False)]  # fmt: skip
+    for _, t in named:
+        if id(t) not in state and not (t.data_ptr() in looked_up and t.data_ptr() not in whole):
+            sizes[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(sizes.values())
 
 
 def weights_read_bytes(model: torch.nn.Module) -> int:
@@ -523,7 +525,9 @@ class KVSlimDecoder:
         mask = torch.ones_like(ids)
         for i in range(0, ids.shape[1], self.chunk_size):  # generate()'s chunk loop
             chunk = slice(i, i + self.chunk_size)
-            logits = self.model(ids[:, chunk].contiguous(), mask[:, chunk].contiguous())
+            logits = self.model(
+                ids[:, chunk].contiguous(), mask[:, chunk].contiguous(), logits_to_keep=1
+            )
         # As generate(): a storage's prompt-end hook (xkv factors the prompt here).
         self.model.end_prompt()
         return logits
@@ -538,7 +542,7 @@ class KVSlimDecoder:
 
     def weight_bytes(self) -> int:
         state = {id(t) for t, _ in self.core.state().values()}
-        return graph_weights_read_bytes(self.core.graph, state)
+        return model_weights_read_bytes(self.core, state)
 
     def held_bytes(self) -> int:
         """Every state tensor (K, V, metadata, the trash slot), allocated before the run."""

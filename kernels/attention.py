@@ -157,7 +157,7 @@ def attend_sdpa(
     the output and the mass together: one read of the keys and one of the values, where the
     fused kernel plus a second score matmul for the mass read the keys twice.
     """
-    if not return_mass and not torch.compiler.is_compiling():
+    if not return_mass and _on_real_tensors(q):
         out = _attend_unmasked(q, k, v, cache_k, cache_v, cache_logc, cache_pos, q_pos, scale,
                                window, sink, recent)  # fmt: skip
         if out is not None:
@@ -198,6 +198,19 @@ def attend_sdpa(
     w = w / w.sum(0).clamp_min(1e-30)
     out = (torch.stack(outs) * w[..., None]).sum(0).reshape(B, Hq, L, D).to(q.dtype)
     return out, q.new_zeros(0, dtype=torch.float32)
+
+
+def _on_real_tensors(q: Tensor) -> bool:
+    """Whether this call runs on real tensors, eagerly: not traced by dynamo, export, make_fx
+    or under fake tensors (whose values a host read cannot see)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (
+        type(q) is Tensor
+        and not torch.compiler.is_compiling()
+        and get_proxy_mode() is None
+        and torch._guards.detect_fake_mode() is None
+    )
 
 
 def _attend_unmasked(

@@ -449,7 +449,7 @@ class _Clock:
     """The model as generate() sees it, stamping the end of every forward.
 
     generate() needs only the model protocol (``reset``, ``chunk_size``, ``end_prompt``,
-    eos/pad ids and the call), so wrapping it splits one run into prefill (up to the end of
+    eos/pad ids and the call, with ``logits_to_keep``), so wrapping it splits one run into prefill (up to the end of
     ``end_prompt``, which compresses a question-aware prompt) and decode without running twice.
     """
 
@@ -474,8 +474,8 @@ class _Clock:
         self.prompt_calls = len(self.stamps)
         self.prompt_end = time.perf_counter()
 
-    def __call__(self, *args: Any) -> Any:
-        out = self.model(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
         self.stamps.append(time.perf_counter())
         return out
 

@@ -190,7 +190,11 @@ class Runner:
     def end_prompt(self) -> None:
         """Nothing to do: packages hold the budget while they read the prompt."""
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0
+    ) -> Tensor:
+        """Logits ``[B, L, V]`` (the last ``logits_to_keep`` positions when > 0: a package's
+        programs compute every position's, then slice)."""
         check_shapes(input_ids, attention_mask)
         valid = _new_token_mask(input_ids, attention_mask)
         if input_ids.dtype != torch.long:
@@ -204,7 +208,7 @@ class Runner:
             ids = input_ids[:, i : i + self.chunk_size].contiguous()
             program = self._decode if ids.shape[1] == 1 else self._step
             logits.append(program(ids, valid[:, i : i + self.chunk_size].contiguous(), *state))
-        return torch.cat(logits, dim=1)
+        return torch.cat(logits, dim=1)[:, -logits_to_keep:]
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         return generate(self, input_ids, attention_mask, **kwargs)

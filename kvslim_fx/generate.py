@@ -81,7 +81,8 @@ def generate(
         # Contiguous chunks: a column slice has the prompt's row stride, on which a compiled
         # model's guards would recompile for every new prompt length at batch > 1.
         ids = input_ids[:, i : i + chunk].contiguous()
-        logits = model(ids, attention_mask[:, i : i + chunk].contiguous())
+        # Only the prompt's last logits are read: the head runs on one position per chunk.
+        logits = model(ids, attention_mask[:, i : i + chunk].contiguous(), logits_to_keep=1)
     core.end_prompt()
     sequences = [input_ids]
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)

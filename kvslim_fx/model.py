@@ -36,10 +36,14 @@ class KVSlimModel(nn.Module):
         prefill: str = "bounded",
         prefill_window: int = 64,
         budget_schedule: str | tuple[int, ...] = "uniform",
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.budget_schedule = budget_schedule
         self.graph = graph
+        # Hidden states → logits, split off the graph (passes/head.py) so a step can keep only
+        # its last positions' logits; without one the graph returns logits, sliced afterwards.
+        self.head = head if head is not None else nn.Identity()
         self.method = method
         self.config = config
         self.logits_index = logits_index
@@ -206,23 +210,43 @@ class KVSlimModel(nn.Module):
             total += 2 * batch * s.num_kv_heads * s.head_dim * tokens * elem
         return total
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """``input_ids [B, L]``, ``attention_mask [B, L]`` or ``[B, past + L]`` → ``[B, L, V]``."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0
+    ) -> Tensor:
+        """``input_ids [B, L]``, ``attention_mask [B, L]`` or ``[B, past + L]`` → ``[B, L, V]``;
+        with ``logits_to_keep = n > 0`` (HF's argument) only the last ``n`` positions' logits,
+        ``[B, n, V]``, and the head runs on those only (``generate`` reads a prompt so)."""
         if not torch.compiler.is_compiling():
             check_shapes(input_ids, attention_mask)
+            if (
+                isinstance(logits_to_keep, bool)
+                or not isinstance(logits_to_keep, int)
+                or (logits_to_keep < 0)
+            ):
+                raise KVSlimError(
+                    f"logits_to_keep must be a non-negative integer (0 = every position), got "
+                    f"{logits_to_keep!r}"
+                )
         L = input_ids.shape[1]
         valid = _new_token_mask(input_ids, attention_mask)
         if not torch.compiler.is_compiling():
             self._check(input_ids, valid)
         if self.chunk_size >= L:
-            return self.step(input_ids, valid)
-        logits = [
-            self.step(input_ids[:, i : i + self.chunk_size], valid[:, i : i + self.chunk_size])
-            for i in range(0, L, self.chunk_size)
-        ]
+            return self.step(input_ids, valid, logits_to_keep)
+        logits = []
+        first_kept = L - logits_to_keep if 0 < logits_to_keep < L else 0
+        for i in range(0, L, self.chunk_size):
+            end = min(i + self.chunk_size, L)
+            # The chunk's positions at or after the first kept one; none: its last, dropped.
+            keep = end - max(i, first_kept)
+            out = self.step(
+                input_ids[:, i:end], valid[:, i:end], 0 if keep >= end - i else max(keep, 1)
+            )
+            if keep > 0:
+                logits.append(out)
         return torch.cat(logits, dim=1)
 
-    def step(self, input_ids: Tensor, valid: Tensor) -> Tensor:
+    def step(self, input_ids: Tensor, valid: Tensor, logits_to_keep: int = 0) -> Tensor:
         """One chunk, no checks: the body that ``torch.compile`` and AOTInductor see."""
         pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1
         kv_pos = torch.where(valid, pos, -1)
@@ -230,7 +254,10 @@ class KVSlimModel(nn.Module):
         rope_pos = torch.where(valid, pos, 0)
         out = self.graph(input_ids, rope_pos, kv_pos)
         self.seen.add_(valid.sum(dim=1))
-        return out[self.logits_index]
+        hidden = out[self.logits_index]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.head(hidden)
 
     def _check(self, input_ids: Tensor, valid: Tensor) -> None:
         if input_ids.dtype not in (torch.long, torch.int32):

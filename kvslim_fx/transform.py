@@ -13,6 +13,7 @@ from .errors import KVSlimError
 from .methods import make_method
 from .methods.base import positive
 from .model import KVSlimModel, _max_positions
+from .passes.head import split_head
 from .passes.int8_linear import int8_placeholders, quantize_linears
 from .passes.rope import UnsupportedRope, rope_facts
 from .passes.sdpa import GraphRewriteError, replace_sdpa
@@ -133,9 +134,11 @@ def transform(
     if inputs != ["input_ids", "position_ids", "kv_positions"]:
         raise KVSlimError(f"{arch}: unexpected inputs {inputs} after the rewrite")
     layers = sum(isinstance(m, LayerCache) for m in gm.modules())
+    logits_index = out_keys.index("logits")
+    head = split_head(gm, logits_index)
     result = KVSlimModel(
-        gm, algo, config, out_keys.index("logits"), chunk_size, prefill, prefill_window,
-        check_schedule(schedule, layers),
+        gm, algo, config, logits_index, chunk_size, prefill, prefill_window,
+        check_schedule(schedule, layers), head,
     )  # fmt: skip
     generation = getattr(model, "generation_config", None)
     result.eos_token_id = getattr(generation, "eos_token_id", None)

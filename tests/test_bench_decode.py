@@ -69,7 +69,7 @@ def test_a_transformed_models_weight_bytes_count_int8_weights_as_codes_and_scale
         core = kvslim_fx.transform(hf, "full", weights=weights)
         core.reset(batch_size=1, max_length=64)
         state = {id(t) for t, _ in core.state().values()}
-        got = decode.graph_weights_read_bytes(core.graph, state)
+        got = decode.model_weights_read_bytes(core, state)
         # The parameters, plus the model's buffers (RoPE's frequencies), which the graph holds.
         want = decode.weights_read_bytes(hf) + sum(
             b.numel() * b.element_size() for b in hf.buffers()

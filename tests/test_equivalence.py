@@ -77,3 +77,33 @@ def test_eos_stops_rows_and_pads_them():
     first = row0.index(eos)
     assert all(t == 0 for t in row0[first + 1 :])
     assert torch.equal(got[:, : 10 + first + 1], free[:, : 10 + first + 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_head_is_split_off_so_a_prompt_skips_logits_it_does_not_read(arch):
+    # passes/head.py: the graph returns hidden states, the head maps the kept positions only.
+    model = kv_model(arch)
+    assert not isinstance(model.head, torch.nn.Identity)
+    ids, mask = prompts(2, 40, [0, 6], seed=5)
+    with torch.no_grad():
+        model.reset()
+        every = model(ids, mask)
+        for keep in (1, 7, 40, 64):  # the chunks are 64 long: one chunk, then two
+            model.reset()
+            torch.testing.assert_close(model(ids, mask, logits_to_keep=keep), every[:, -keep:])
+    with pytest.raises(kvslim_fx.KVSlimError, match="logits_to_keep"):
+        model(ids, mask, logits_to_keep=-1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(length=st.integers(1, 50), chunk=st.integers(1, 20), keep=st.integers(0, 60))
+def test_logits_to_keep_across_chunks(length, chunk, keep):
+    model = kv_model("llama", chunk_size=chunk)
+    ids, mask = prompts(1, length, seed=length)
+    with torch.no_grad():
+        model.reset()
+        every = model(ids, mask)
+        model.reset()
+        kept = model(ids, mask, logits_to_keep=keep)
+    # The head's matmul over fewer rows may round differently (BLAS picks its kernel by size).
+    torch.testing.assert_close(kept, every[:, -keep:] if keep else every, rtol=1e-5, atol=1e-6)
