@@ -449,8 +449,9 @@ class _Clock:
     """The model as generate() sees it, stamping the end of every forward.
 
     generate() needs only the model protocol (``reset``, ``chunk_size``, ``end_prompt``,
-    eos/pad ids and the call, with ``logits_to_keep``), so wrapping it splits one run into prefill (up to the end of
-    ``end_prompt``, which compresses a question-aware prompt) and decode without running twice.
+    eos/pad ids and the call, with ``logits_to_keep``), so wrapping it splits one run into
+    prefill (up to the end of ``end_prompt``, which compresses a question-aware prompt) and
+    decode without running twice.
     """
 
     def __init__(self, model: Any, core: Any) -> None:
