@@ -83,6 +83,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +211,7 @@ def model_weights_read_bytes(core: Any, state: set[int]) -> int:
             continue
         for node in module.graph.nodes:
             if node.op == "get_attr" and node.users:
-                owner, _, leaf = node.target.rpartition(".")
-                ptr = getattr(module.get_submodule(owner), leaf).data_ptr()
+                ptr = attrgetter(node.target)(module).data_ptr()
                 embedding = all(u.target is torch.ops.aten.embedding.default for u in node.users)
                 (looked_up if embedding else whole).add(ptr)
     sizes = {}

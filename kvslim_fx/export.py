@@ -26,6 +26,7 @@ from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 from .errors import KVSlimError
 from .generate import _core, generate
+from .methods.base import non_negative
 from .model import KVSlimModel, _new_token_mask, check_shapes, check_vocab
 
 FORMAT = "kvslim_fx/3"
@@ -196,6 +197,7 @@ class Runner:
         """Logits ``[B, L, V]`` (the last ``logits_to_keep`` positions when > 0: a package's
         programs compute every position's, then slice)."""
         check_shapes(input_ids, attention_mask)
+        non_negative("logits_to_keep", logits_to_keep)
         valid = _new_token_mask(input_ids, attention_mask)
         if input_ids.dtype != torch.long:
             raise KVSlimError(f"input_ids must be int64 token ids, got {input_ids.dtype}")

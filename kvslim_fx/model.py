@@ -9,7 +9,7 @@ from .budget import layer_budgets
 from .cache import LayerCache
 from .errors import KVSlimError
 from .methods import Method
-from .methods.base import round_capacity
+from .methods.base import non_negative, round_capacity
 
 
 class KVSlimModel(nn.Module):
@@ -218,15 +218,7 @@ class KVSlimModel(nn.Module):
         ``[B, n, V]``, and the head runs on those only (``generate`` reads a prompt so)."""
         if not torch.compiler.is_compiling():
             check_shapes(input_ids, attention_mask)
-            if (
-                isinstance(logits_to_keep, bool)
-                or not isinstance(logits_to_keep, int)
-                or (logits_to_keep < 0)
-            ):
-                raise KVSlimError(
-                    f"logits_to_keep must be a non-negative integer (0 = every position), got "
-                    f"{logits_to_keep!r}"
-                )
+            non_negative("logits_to_keep", logits_to_keep)
         L = input_ids.shape[1]
         valid = _new_token_mask(input_ids, attention_mask)
         if not torch.compiler.is_compiling():

@@ -20,9 +20,13 @@ holds some other way (per group, with activation quantization, a zero point) sta
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
+import sys
 from collections.abc import Iterator
+from operator import attrgetter
+from types import ModuleType
 
 import torch
 from torch import Tensor, fx, nn
@@ -93,7 +97,7 @@ def quantize_linears(
             continue
         rows = int8.get(weight_node.target)
         if rows is None and quantize:
-            rows = quantize_rows(_attr(gm, weight_node.target))
+            rows = quantize_rows(attrgetter(weight_node.target)(gm))
         if rows is None:
             continue
         codes, scale = rows
@@ -139,29 +143,27 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     """A floating-point ``[N, K]`` weight quantized by torchao's ``Int8WeightOnlyConfig``."""
     if weight.dim() != 2 or not weight.is_floating_point():
         return None
-    Int8WeightOnlyConfig, quantize_ = _torchao()
+    quantization = import_torchao("quantization")
     # torchao quantizes nn.Linear modules; a throwaway one holds the graph's weight.
     holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     holder.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    quantize_(holder, Int8WeightOnlyConfig(set_inductor_config=False))
+    quantization.quantize_(holder, quantization.Int8WeightOnlyConfig(set_inductor_config=False))
     return int8_rows(holder.weight)
 
 
-def _torchao():
-    """torchao's quantizer, imported without its log lines about CUDA-only extensions (which a
-    CPU build cannot load and int8 weights do not use)."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+def import_torchao(module: str) -> ModuleType:
+    """``torchao.<module>``, imported without torchao's log lines about CUDA-only extensions
+    (which a CPU build cannot load and nothing here uses). Importing torchao takes seconds, so
+    callers import it on first use."""
+    name = f"torchao.{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    quiet = [logging.getLogger(logger) for logger in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in quiet]
     for log in quiet:
         log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        return importlib.import_module(name)
     finally:
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
-    return Int8WeightOnlyConfig, quantize_
-
-
-def _attr(gm: nn.Module, target: str) -> Tensor:
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)

@@ -72,10 +72,7 @@ def _constant(node: fx.Node, memo: dict) -> bool:
 def _attr(gm: fx.GraphModule, node) -> Tensor:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         raise ValueError(f"{node} is not a parameter of the graph")
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(node.target)(gm)
 
 
 def projection_of(gm: fx.GraphModule, node: fx.Node) -> Projection:

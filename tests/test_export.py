@@ -90,6 +90,9 @@ def test_package_refuses_other_shapes(package):
     ids, mask = prompts(3, 10)
     with pytest.raises(KVSlimError, match=f"batch size {batch}"):
         runner.generate(ids, mask, max_new_tokens=2)
+    ids, mask = prompts(batch, 10)
+    with pytest.raises(KVSlimError, match="logits_to_keep"):
+        runner(ids, mask, logits_to_keep=-1)
     if runner.meta["capacity"]:
         ids, mask = prompts(batch, 150)
         with pytest.raises(KVSlimError, match="holds"):

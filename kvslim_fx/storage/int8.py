@@ -30,6 +30,7 @@ from ..errors import KVSlimError
 from ..kernels.attention import attend_int8  # noqa: F401  (registers kvslim::attend_int8)
 from ..kernels.run_merge import rope_rotate
 from ..kernels.slots import gather_slots, slot_index
+from ..passes.int8_linear import import_torchao
 from .base import Storage, register_storage
 
 # Channels per scale (docs/design.md has the measurement that chose it).
@@ -37,8 +38,7 @@ DEFAULT_GROUP = 32
 
 
 def _torchao():
-    """torchao's quantisation primitives (imported on first use: importing torchao takes
-    seconds)."""
+    """torchao's quantisation primitives."""
     from torchao.quantization import quant_primitives
 
     return quant_primitives
@@ -94,6 +94,8 @@ class Int8(Storage):
                 f"{D} (e.g. group={D} for one scale per row)"
             )
         self.group = group
+        # Here, not at the first write: the write may be inside a graph being compiled.
+        import_torchao("quantization.quant_primitives")
         for name in ("kq", "vq", "k_scale", "v_scale"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.dtype = torch.float32  # the model's, set by allocate: what attention reads
