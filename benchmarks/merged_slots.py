@@ -1,0 +1,198 @@
+"""Where a merging method's largest slots lie, and how much the uncompressed model attends to
+the tokens they hold.
+
+For each Austen window (the quality benchmark's, same seed): the method reads the prompt
+(bounded prefill, chunks of 512) and, per layer and KV head, its largest slot is located: slots
+merge adjacent tokens and a merged slot keeps its later token's position, so in position order
+slot ``i`` holds positions ``(pos[i-1], pos[i]]`` (checked against the cardinalities). Then
+the original HF model runs the whole window once, and a hook on each attention module measures
+how much of its attention (the softmax over every earlier token, mean over the KV head's query
+heads and over the queries) the prompt's last query and the continuation's queries give those
+positions. Token share against attention share says whether a big slot is a collapse (text the
+model reads, blurred) or text the model does not read at that layer::
+
+    python benchmarks/merged_slots.py --method kvslimmer --budget 0.25 --context 8064 \\
+        --windows 1,2 --out benchmarks/results/merged-slots-8k
+
+Writes ``OUT.json``, ``OUT.md`` (a row per layer and window) and ``OUT.png``. Llama-style
+attention only (``q_proj``/``k_proj`` and the module's ``apply_rotary_pos_emb``): the default
+model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from common import formatted, log, markdown_table, save_results
+from torch import Tensor, nn
+
+import kvslim_fx
+from kvslim_fx.budget import parse_budget
+from kvslim_fx.eval.default_model import load_default_model
+from kvslim_fx.eval.perplexity import austen_windows
+
+
+def largest_slots(model: kvslim_fx.KVSlimModel) -> list[list[tuple[int, int]]]:
+    """Per layer and KV head of batch row 0, the first and last position of the slot holding
+    the most tokens, then (one more entry) the first and last position of the mergeable middle
+    (after the sinks, before the recent window)."""
+    found = []
+    for layer in model.layers:
+        heads = []
+        for pos, logc in zip(layer.pos[0], layer.log_cardinality()[0], strict=True):
+            kept = pos >= 0
+            order = pos[kept].argsort()
+            pos, tokens = pos[kept][order], logc[kept][order].exp().round().long()
+            before = torch.cat([pos.new_tensor([-1]), pos[:-1]])
+            if not torch.equal(pos - before, tokens):
+                raise RuntimeError("the slots' cardinalities do not tile the positions")
+            i = int(tokens.argmax())
+            heads.append((int(before[i]) + 1, int(pos[i])))
+        lay = layer.layout
+        heads.append((lay.sink, int(layer.pos.max()) - lay.recent))
+        found.append(heads)
+    return found
+
+
+def attention_shares(
+    hf_model: nn.Module, window: Tensor, first_query: int, spans: list[list[tuple[int, int]]]
+) -> list[list[float]]:
+    """Per layer and KV head, the attention the queries from ``first_query`` on give the
+    positions of ``spans[layer][head]`` (inclusive), in HF's model run over ``window [1, T]``."""
+    shares: list[list[float]] = []
+
+    def measure(attn: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        B, T, _ = hidden.shape
+        d = attn.head_dim
+        q = attn.q_proj(hidden).view(B, T, -1, d).transpose(1, 2)
+        k = attn.k_proj(hidden).view(B, T, -1, d).transpose(1, 2)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rotate(q, k, cos, sin)
+        group = q.shape[1] // k.shape[1]
+        q = q[0, :, first_query:]  # [H_q, Q, d]
+        logits = q @ k[0].repeat_interleave(group, 0).transpose(1, 2) * d**-0.5  # [H_q, Q, T]
+        query_pos = torch.arange(first_query, T)[:, None]
+        logits = logits.masked_fill(torch.arange(T) > query_pos, float("-inf"))
+        probs = logits.softmax(-1)
+        layer = spans[len(shares)]
+        heads = [slice(h * group, (h + 1) * group) for h in range(k.shape[1])]
+        heads.append(slice(None))  # the middle: every head
+        shares.append([float(probs[h, :, lo : hi + 1].sum(-1).mean())
+                       for h, (lo, hi) in zip(heads, layer, strict=True)])  # fmt: skip
+
+    hooks = [layer.self_attn.register_forward_pre_hook(measure, with_kwargs=True)
+             for layer in hf_model.model.layers]  # fmt: skip
+    try:
+        with torch.no_grad():
+            hf_model(window, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shares
+
+
+def window_rows(args: argparse.Namespace, hf_model: nn.Module, window: Tensor, index: int) -> list:
+    """One row per layer of ``window``: its largest slot (the widest over KV heads)."""
+    budget = parse_budget(args.budget, "budget")
+    model = kvslim_fx.transform(hf_model, method=args.method, budget=budget, chunk_size=512)
+    model.reset(batch_size=1, max_length=window.shape[1], prompt_len=args.context)
+    with torch.no_grad():
+        for begin in range(0, args.context, model.chunk_size):
+            model(window[:, begin : min(begin + model.chunk_size, args.context)])
+        model.end_prompt()
+    spans = largest_slots(model)
+    shares = attention_shares(hf_model, window, args.context - 1, spans)
+    rows = []
+    for layer, (heads, attention) in enumerate(zip(spans, shares, strict=True)):
+        (middle_lo, middle_hi), middle_share = heads.pop(), attention.pop()
+        h = max(range(len(heads)), key=lambda i: heads[i][1] - heads[i][0])
+        lo, hi = heads[h]
+        tokens = hi - lo + 1
+        rows.append({"window": index, "layer": layer, "head": h, "first": lo, "last": hi,
+                     "tokens": tokens, "token_share": tokens / args.context,
+                     "attention_share": attention[h], "middle_tokens": middle_hi - middle_lo + 1,
+                     "middle_share": middle_share})  # fmt: skip
+    return rows
+
+
+def render(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
+    frame = pd.DataFrame(rows).sort_values(["layer", "window"])
+    table = pd.DataFrame({
+        "layer": frame.layer.astype(str),
+        "window": frame.window.astype(str),
+        "positions": [f"{a}–{b}" for a, b in zip(frame["first"], frame["last"], strict=True)],
+        "tokens": frame.tokens.astype(str),
+        "% of prompt": formatted(100 * frame.token_share, "{:.2f}"),
+        "% of attention": formatted(100 * frame.attention_share, "{:.4f}"),
+        "per token, × the middle's": formatted(
+            frame.attention_share / frame.tokens / (frame.middle_share / frame.middle_tokens),
+            "{:.3f}"),
+    })  # fmt: skip
+    command = " ".join(["python", "benchmarks/merged_slots.py", *sys.argv[1:]])
+    text = (
+        f"# Largest merged slots and the attention they held\n\n{args.method} at budget "
+        f"{args.budget} of a {args.context}-token Austen prompt (bounded prefill, chunks of 512),"
+        f" SmolLM2-135M-Instruct in float32. Per layer, the slot holding the most tokens after "
+        f"the prompt (over KV heads), and the share of the uncompressed model's attention that "
+        f"its positions received from the prompt's last query and the {args.continuation} "
+        f"continuation queries (mean over queries and the head's query group). 'per token, × the "
+        f"middle's': that share per token over the attention per token of the whole mergeable "
+        f"middle (after the sinks, before the recent window; every head).\n\n"
+        f"{markdown_table(table, 'rrlrrrr')}\n\nCommand: "
+        f"`{command}`\n"
+    )
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for window, part in frame.groupby("window"):
+        ax.scatter(part.layer, 100 * part.token_share, marker="o", label=f"% of prompt, w{window}")
+        ax.scatter(part.layer, 100 * part.attention_share, marker="x",
+                   label=f"% of attention, w{window}")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% (log scale)")
+    ax.set_title(f"{args.method} {args.budget}: largest slot per layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="kvslimmer")
+    parser.add_argument("--budget", default="0.25", help="slots per layer or a fraction")
+    parser.add_argument("--context", type=int, default=8064)
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--windows", default="0", help="indices of the quality benchmark's windows")
+    parser.add_argument("--count", type=int, default=4, help="windows drawn (as quality.py)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_model, tokenizer = load_default_model(torch.float32)
+    hf_model.eval()
+    windows = austen_windows(tokenizer, args.context, args.continuation, args.count, args.seed)
+    rows = []
+    for index in (int(w) for w in args.windows.split(",")):
+        log(f"window {index}...")
+        rows += window_rows(args, hf_model, windows[index], index)
+        save_results(args.out.with_suffix(".json"), {"args": vars(args) | {"out": str(args.out)},
+                                                     "rows": rows})  # fmt: skip
+    render(rows, args, args.out)
+
+
+if __name__ == "__main__":
+    main()
