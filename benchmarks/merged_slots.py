@@ -38,8 +38,7 @@ from kvslim_fx.eval.perplexity import austen_windows
 
 def largest_slots(model: kvslim_fx.KVSlimModel) -> list[list[tuple[int, int]]]:
     """Per layer and KV head of batch row 0, the first and last position of the slot holding
-    the most tokens, then (one more entry) the first and last position of the mergeable middle
-    (after the sinks, before the recent window)."""
+    the most tokens."""
     found = []
     for layer in model.layers:
         heads = []
@@ -52,17 +51,25 @@ def largest_slots(model: kvslim_fx.KVSlimModel) -> list[list[tuple[int, int]]]:
                 raise RuntimeError("the slots' cardinalities do not tile the positions")
             i = int(tokens.argmax())
             heads.append((int(before[i]) + 1, int(pos[i])))
-        lay = layer.layout
-        heads.append((lay.sink, int(layer.pos.max()) - lay.recent))
         found.append(heads)
     return found
 
 
+Region = tuple[int | None, int, int]
+"""A KV head (``None``: every head) and the first and last position (inclusive)."""
+
+
+def query_heads(kv_head: int | None, group: int) -> slice:
+    """The query heads reading ``kv_head`` (all of them for ``None``)."""
+    return slice(None) if kv_head is None else slice(kv_head * group, (kv_head + 1) * group)
+
+
 def attention_shares(
-    hf_model: nn.Module, window: Tensor, first_query: int, spans: list[list[tuple[int, int]]]
+    hf_model: nn.Module, window: Tensor, first_query: int, regions: list[list[Region]]
 ) -> list[list[float]]:
-    """Per layer and KV head, the attention the queries from ``first_query`` on give the
-    positions of ``spans[layer][head]`` (inclusive), in HF's model run over ``window [1, T]``."""
+    """Per layer, the attention the queries from ``first_query`` on give each of
+    ``regions[layer]`` (the mean over the queries and the region's query heads), in HF's model
+    run over ``window [1, T]``."""
     shares: list[list[float]] = []
 
     def measure(attn: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -80,11 +87,10 @@ def attention_shares(
         query_pos = torch.arange(first_query, T)[:, None]
         logits = logits.masked_fill(torch.arange(T) > query_pos, float("-inf"))
         probs = logits.softmax(-1)
-        layer = spans[len(shares)]
-        heads = [slice(h * group, (h + 1) * group) for h in range(k.shape[1])]
-        heads.append(slice(None))  # the middle: every head
-        shares.append([float(probs[h, :, lo : hi + 1].sum(-1).mean())
-                       for h, (lo, hi) in zip(heads, layer, strict=True)])  # fmt: skip
+        shares.append([
+            float(probs[query_heads(h, group), :, lo : hi + 1].sum(-1).mean())
+            for h, lo, hi in regions[len(shares)]
+        ])  # fmt: skip
 
     hooks = [layer.self_attn.register_forward_pre_hook(measure, with_kwargs=True)
              for layer in hf_model.model.layers]  # fmt: skip
@@ -97,26 +103,29 @@ def attention_shares(
     return shares
 
 
-def window_rows(args: argparse.Namespace, hf_model: nn.Module, window: Tensor, index: int) -> list:
-    """One row per layer of ``window``: its largest slot (the widest over KV heads)."""
-    budget = parse_budget(args.budget, "budget")
-    model = kvslim_fx.transform(hf_model, method=args.method, budget=budget, chunk_size=512)
+def window_rows(
+    args: argparse.Namespace, hf: nn.Module, model: kvslim_fx.KVSlimModel, window: Tensor, i: int
+) -> list[dict]:
+    """One row per layer of ``window``: its largest slot (the widest over KV heads) and the
+    mergeable middle (after the sinks, before the recent window)."""
     model.reset(batch_size=1, max_length=window.shape[1], prompt_len=args.context)
     with torch.no_grad():
         for begin in range(0, args.context, model.chunk_size):
             model(window[:, begin : min(begin + model.chunk_size, args.context)])
         model.end_prompt()
-    spans = largest_slots(model)
-    shares = attention_shares(hf_model, window, args.context - 1, spans)
+    largest = [max(enumerate(heads), key=lambda h: h[1][1] - h[1][0])
+               for heads in largest_slots(model)]  # fmt: skip
+    regions = [[(h, lo, hi), (None, layer.layout.sink, args.context - 1 - layer.layout.recent)]
+               for (h, (lo, hi)), layer in zip(largest, model.layers, strict=True)]  # fmt: skip
+    shares = attention_shares(hf, window, args.context - 1, regions)
     rows = []
-    for layer, (heads, attention) in enumerate(zip(spans, shares, strict=True)):
-        (middle_lo, middle_hi), middle_share = heads.pop(), attention.pop()
-        h = max(range(len(heads)), key=lambda i: heads[i][1] - heads[i][0])
-        lo, hi = heads[h]
+    for layer, (((h, lo, hi), (_, m_lo, m_hi)), (share, middle_share)) in enumerate(
+        zip(regions, shares, strict=True)
+    ):
         tokens = hi - lo + 1
-        rows.append({"window": index, "layer": layer, "head": h, "first": lo, "last": hi,
+        rows.append({"window": i, "layer": layer, "head": h, "first": lo, "last": hi,
                      "tokens": tokens, "token_share": tokens / args.context,
-                     "attention_share": attention[h], "middle_tokens": middle_hi - middle_lo + 1,
+                     "attention_share": share, "middle_tokens": m_hi - m_lo + 1,
                      "middle_share": middle_share})  # fmt: skip
     return rows
 
@@ -185,10 +194,12 @@ def main() -> None:
     hf_model, tokenizer = load_default_model(torch.float32)
     hf_model.eval()
     windows = austen_windows(tokenizer, args.context, args.continuation, args.count, args.seed)
+    budget = parse_budget(args.budget, "budget")
+    model = kvslim_fx.transform(hf_model, method=args.method, budget=budget, chunk_size=512)
     rows = []
     for index in (int(w) for w in args.windows.split(",")):
         log(f"window {index}...")
-        rows += window_rows(args, hf_model, windows[index], index)
+        rows += window_rows(args, hf_model, model, windows[index], index)
         save_results(args.out.with_suffix(".json"), {"args": vars(args) | {"out": str(args.out)},
                                                      "rows": rows})  # fmt: skip
     render(rows, args, args.out)

@@ -72,3 +72,23 @@ def test_batch_8_prompts_of_other_lengths_reuse_the_graphs():
     assert backend.graphs == warm, "a batch-8 prompt of a new length recompiled"
     want = kvslim_fx.generate(model, ids, mask, max_new_tokens=20, eos_token_id=[])
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kvslimmer", "h2o"])
+def test_compiled_decode_writes_the_cache_in_place(method):
+    # A compiled step that reads a cache buffer after writing it gets a copy of the whole buffer
+    # from Inductor (in, then back), which costs more than the step's attention. Inductor's
+    # reorder_for_locality once moved the output's product with V after the writes so.
+    from torch._inductor.utils import run_and_get_code
+
+    model = kv_model("llama", method, 24, chunk_size=16)
+    ids, mask = prompts(1, 32, seed=3)
+    model.reset(batch_size=1, max_length=40)
+    with torch.no_grad():
+        model(ids, mask)  # eager: only the decode step is compiled
+        _, code = run_and_get_code(torch.compile(model, fullgraph=True), ids[:, :1], mask[:, :1])
+    storage = model.layers[0].storage
+    assert model.layers[0].merge_stats[0] > 0
+    for shape in {tuple(storage.k.shape), tuple(storage.v.shape)}:
+        assert f"empty_strided_cpu({shape}" not in "\n".join(code), f"a copy of a {shape} cache"

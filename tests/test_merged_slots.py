@@ -21,11 +21,10 @@ def test_largest_slot_spans_as_many_positions_as_it_holds_tokens(length, budget,
     model.end_prompt()
     # Raises unless, in position order, the slots' cardinalities tile the positions.
     spans = merged_slots.largest_slots(model)
-    for layer, (*heads, middle) in zip(model.layers, spans, strict=True):
+    for layer, heads in zip(model.layers, spans, strict=True):
         tokens = layer.log_cardinality()[0].exp().round().amax(-1)  # [H_kv]
         assert [hi - lo + 1 for lo, hi in heads] == tokens.long().tolist()
         assert all(0 <= lo <= hi < length for lo, hi in heads)
-        assert middle == (layer.layout.sink, length - 1 - layer.layout.recent)
 
 
 def test_attention_shares_are_the_models_attention_probabilities():
@@ -35,13 +34,13 @@ def test_attention_shares_are_the_models_attention_probabilities():
     H_kv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     ids, _ = prompts(1, 40)
     first = 25
-    spans = [[(2 + h + layer, 20 + h) for h in range(H_kv)] + [(4, 30)]
-             for layer in range(cfg.num_hidden_layers)]  # fmt: skip
-    shares = merged_slots.attention_shares(hf, ids, first, spans)
+    regions = [[(h, 2 + h + layer, 20 + h) for h in range(H_kv)] + [(None, 4, 30)]
+               for layer in range(cfg.num_hidden_layers)]  # fmt: skip
+    shares = merged_slots.attention_shares(hf, ids, first, regions)
     with torch.no_grad():
         probs = hf(ids, output_attentions=True).attentions  # per layer [1, H_q, T, T]
-    for p, layer_spans, layer_shares in zip(probs, spans, shares, strict=True):
+    for p, layer_regions, layer_shares in zip(probs, regions, shares, strict=True):
         heads = [slice(h * group, (h + 1) * group) for h in range(H_kv)] + [slice(None)]
         expected = [p[0, h, first:, lo : hi + 1].sum(-1).mean().item()
-                    for h, (lo, hi) in zip(heads, layer_spans, strict=True)]  # fmt: skip
+                    for h, (_, lo, hi) in zip(heads, layer_regions, strict=True)]  # fmt: skip
         torch.testing.assert_close(torch.tensor(layer_shares), torch.tensor(expected))
