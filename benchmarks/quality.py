@@ -91,6 +91,8 @@ TITLES = {
     "needle": "Needle in a haystack",
     "retrieval": "Retrieval (four keys, one asked)",
 }
+# The script a results file's command runs: one that registers more methods sets its own.
+SCRIPT = "benchmarks/quality.py"
 OUT = "benchmarks/results/quality"
 # A spec option (lorc:...:calibrate=1024): fit the storage on that many held-out tokens.
 CALIBRATE = "calibrate"
@@ -865,7 +867,7 @@ def command(
     rows = all_rows(tables, peer=False)
     methods = list(dict.fromkeys(rows.method))
     budgets = sorted(set(rows.budget) - {"all"}, key=budget_order)
-    argv = [python, "benchmarks/quality.py", "--tasks", ",".join(tables)]
+    argv = [python, SCRIPT, "--tasks", ",".join(tables)]
     argv += ["--methods", ",".join(methods)] + (["--budgets", ",".join(budgets)] if budgets else [])
     if "perplexity" in tables:
         argv += ["--context", str(args.context), "--continuation", str(args.continuation)]
