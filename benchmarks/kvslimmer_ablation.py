@@ -4,10 +4,13 @@ Every variant keeps KVSlimmer's selection (the same disjoint adjacent pairs, cho
 statistic, on the same schedule) and changes only what a selected pair becomes:
 
 - ``kvslimmer_evict``: the pair keeps its better-scored member whole, key and value, and the
-  other is dropped: the selection without the merge;
-- ``kvslimmer_attv``: the closed-form key; the value is the members' attention-weighted mean
-  (weights: the selection statistic, every member counted) instead of the cardinality mean;
-- ``kvslimmer_kbest_attv``: the better-scored member's key and the attention-weighted value.
+  other is dropped: the selection without the merge (every slot holds one token, so the
+  statistic has no cardinality factor);
+- ``kvslimmer_evict_counted``: the same, but the kept slot counts both members' tokens, as a
+  merge does, so the statistic (attention × cardinality) and hence the selection evolve as
+  KVSlimmer's: the merge's arithmetic without the merge;
+- ``kvslimmer_kbest``: the better-scored member's key instead of the closed form (with
+  ``value="attention"``: that key and the members' attention-weighted value).
 
 The variants register as methods, so the arguments are those of ``benchmarks/quality.py``::
 
@@ -23,56 +26,50 @@ from typing import ClassVar
 
 import quality
 import torch
-from torch import Tensor
 
 from kvslim_fx.methods import register_method
 from kvslim_fx.methods.kvslimmer import KVSlimmer
 
 
 class _PairRule(KVSlimmer):
-    """KVSlimmer with another key rule (``"closed_form"`` or ``"best"``: the better-scored
-    member's) and value rule (``"cardinality"``, ``"attention"`` or ``"best"``)."""
+    """KVSlimmer whose merged pair takes the better-scored member's key (``best_key``) or key and
+    value (``keep_best``); ``counted``: that slot still counts both members' tokens."""
 
-    key_rule: ClassVar[str] = "closed_form"
-    value_rule: ClassVar[str] = "cardinality"
+    best_key: ClassVar[bool] = False
+    keep_best: ClassVar[bool] = False
+    counted: ClassVar[bool] = False
 
     def _merge_plan(self, plan, cache, first, second, do, score, alpha, out) -> None:
         super()._merge_plan(plan, cache, first, second, do, score, alpha, out)
         s_first, s_second = score.gather(2, first), score.gather(2, second)
         keep_first = (s_first > s_second).float()  # ties keep the later member, as a merge does
         best = (keep_first, 1 - keep_first)
-        if self.key_rule == "best":
+        if self.best_key or self.keep_best:
             plan.merge.key = best
-        if self.value_rule == "best":
+        if self.keep_best:
             plan.merge.value = best
-            # Nothing merges, so every slot keeps one token: no cardinality to add.
-            plan.merge.counts = False
-            plan.merge.state = {"score": torch.maximum(s_first, s_second)}
             plan.fallbacks = torch.zeros_like(do)
-        elif self.value_rule == "attention":
-            total = s_first + s_second
-            w: Tensor = torch.where(total > 0, s_first / total.clamp_min(1e-30), 0.5)
-            plan.merge.value = (w, 1 - w)
+            if not self.counted:  # every slot keeps one token: no cardinality to add
+                plan.merge.counts = False
+                plan.merge.state = {"score": torch.maximum(s_first, s_second)}
 
 
 @register_method
 class Evict(_PairRule):
     name = "kvslimmer_evict"
-    key_rule = "best"
-    value_rule = "best"
+    keep_best = True
 
 
 @register_method
-class AttentionValue(_PairRule):
-    name = "kvslimmer_attv"
-    value_rule = "attention"
+class EvictCounted(Evict):
+    name = "kvslimmer_evict_counted"
+    counted = True
 
 
 @register_method
-class BestKeyAttentionValue(_PairRule):
-    name = "kvslimmer_kbest_attv"
-    key_rule = "best"
-    value_rule = "attention"
+class BestKey(_PairRule):
+    name = "kvslimmer_kbest"
+    best_key = True
 
 
 if __name__ == "__main__":

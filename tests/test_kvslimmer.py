@@ -145,6 +145,32 @@ def test_bias_cap_limits_the_cardinality_attention_counts():
     assert torch.equal(KVSlimmer(bias_cap=1).attention_logc(logc), torch.zeros(4))
 
 
+def test_attention_value_weighs_each_pair_by_its_statistic():
+    """``value="attention"``: each merged value is the members' mean weighted by their selection
+    statistic (the token-weighted one where both are 0); the default weighs by cardinality."""
+    seen = []
+    merge_plan = KVSlimmer._merge_plan
+
+    def spy(self, plan, cache, first, second, do, score, alpha, out):
+        merge_plan(self, plan, cache, first, second, do, score, alpha, out)
+        card = cache.logc.exp()
+        members = [(score.gather(2, i), card.gather(2, i)) for i in (first, second)]
+        seen.append((self.value, members, plan.merge.value, do))
+
+    ids, mask = prompts(2, 40, [0, 5], seed=4)
+    with patch.object(KVSlimmer, "_merge_plan", spy):
+        for value in ("attention", "cardinality"):
+            model = kv_model("llama", "kvslimmer", 24, chunk_size=8, sink=2, recent=3, value=value)
+            prefill_and_decode(model, ids, mask, steps=3)
+    assert {value for value, *_ in seen} == {"attention", "cardinality"}
+    for value, ((s1, c1), (s2, c2)), (w1, w2), do in seen:
+        weight = c1 / (c1 + c2)
+        if value == "attention":
+            weight = torch.where(s1 + s2 > 0, s1 / (s1 + s2), weight)
+        torch.testing.assert_close(w1[do], weight[do])
+        torch.testing.assert_close(w1 + w2, torch.ones_like(w1))
+
+
 def test_options_are_checked():
     with pytest.raises(KVSlimError, match="recent must be a non-negative integer"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, recent=-1)
@@ -154,6 +180,8 @@ def test_options_are_checked():
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, bias_cap=0.5)
     with pytest.raises(KVSlimError, match="score must be one of mean, last"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, score="max")
+    with pytest.raises(KVSlimError, match="value must be one of cardinality, attention"):
+        kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, value="sum")
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32, sink=32)
     with pytest.raises(KVSlimError, match=r"merge_fraction must lie in \(0, 0.5\]"):

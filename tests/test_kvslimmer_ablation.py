@@ -57,15 +57,3 @@ def test_evict_keeps_whole_tokens_and_drops_as_many_as_kvslimmer_merges():
     for (b, h, p), row in by_position(e, e.storage.values()).items():
         if p < int(mask[b].sum()):
             assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5
-
-
-def test_attention_value_merges_the_same_pairs_into_other_values():
-    ids, mask = prompts(1, 40, seed=4)
-    attv = kv_model("llama", "kvslimmer_attv", 32, **OPTIONS)
-    slim = kv_model("llama", "kvslimmer", 32, **OPTIONS)
-    for model in (attv, slim):
-        prefill_and_decode(model, ids, mask, steps=0)
-    for a, s in zip(attv.layers, slim.layers, strict=True):
-        # The same pairs merge (same positions and cardinalities), into other values.
-        assert torch.equal(a.pos, s.pos) and torch.equal(a.logc, s.logc)
-        assert not torch.equal(a.storage.values(), s.storage.values())

@@ -21,8 +21,11 @@ Each step, after attention, the method
    ``h12 = α_m α_n ‖m_m + m_n − 2o‖₂``. They are computed for the chosen pairs only: per step
    that is one product ``α·V`` for ``o`` and ``O(D)`` per pair, not a pass over every slot's
    value (a running mean per slot would need one each step, and measured no better). The earlier key
-   rotated forward by the position gap (RoPE-correct, post-RoPE storage); value sums and
-   cardinalities add (no cap); the merged slot takes the later position. Where the quadratic is
+   rotated forward by the position gap (RoPE-correct, post-RoPE storage); cardinalities add
+   (no cap) and the value is the members' mean weighted by their tokens (``value=
+   "cardinality"``: the paper's value sums) or by their statistic (``"attention"``: attention
+   counts the slot once, so the mean its members' attention weights stands for their output);
+   the merged slot takes the later position. Where the quadratic is
    not convex it falls back to the score-weighted mean, and counts it
    (``LayerCache.merge_stats``). The weights are ``kernels/run_merge.py``'s ``merge_runs``
    on runs of two; the storage combines the rows (``kvslim::merge_rows`` for ``dense``);
@@ -68,6 +71,10 @@ _SLOT_STATE = {
 # The selection statistic: the slot's mean attention probability over the steps it has lived, or
 # that of the last step only (the reference code's choice, and TOVA's rule).
 _SCORES = ("mean", "last")
+
+# A merged pair's value: the members' mean weighted by their tokens (the paper's value sums with
+# cardinalities), or by their attention (the selection statistic, every member counted).
+_VALUES = ("cardinality", "attention")
 
 
 def _sixteenth(slots: int) -> int:
@@ -145,6 +152,7 @@ class KVSlimmer(Method):
         convex: bool = False,
         bias_cap: float = 1.0,
         score: str = "last",
+        value: str = "cardinality",
         merge_fraction: float = 0.25,
         observe: int = 1,
         kernel: int = 7,
@@ -166,6 +174,9 @@ class KVSlimmer(Method):
         if score not in _SCORES:
             raise KVSlimError(f"score must be one of {', '.join(_SCORES)}, got {score!r}")
         self.score = score
+        if value not in _VALUES:
+            raise KVSlimError(f"value must be one of {', '.join(_VALUES)}, got {value!r}")
+        self.value = value
         if (
             isinstance(merge_fraction, bool)
             or not isinstance(merge_fraction, int | float)
@@ -183,7 +194,7 @@ class KVSlimmer(Method):
     def options(self) -> dict:
         return {**super().options(), "recent": self.recent, "per_head": self.per_head,
                 "recency": self.recency, "convex": self.convex, "bias_cap": self.bias_cap,
-                "score": self.score, "merge_fraction": self.merge_fraction,
+                "score": self.score, "value": self.value, "merge_fraction": self.merge_fraction,
                 "observe": self.observe, "kernel": self.kernel}  # fmt: skip
 
     def sink_for(self, slots: int) -> int:
@@ -361,10 +372,18 @@ class KVSlimmer(Method):
             adjacent_coupling(a, means, out), within.expand(B, H, -1), None, None, self.convex,
             self.eps,
         )  # fmt: skip
+        share = merged.share[..., 0::2]  # the first member's share of the tokens
+        if self.value == "attention":
+            # Attention counts the merged slot once (bias_cap=1), so the value that stands for
+            # the pair's output is the members' attention-weighted mean (measured better than
+            # the token-weighted one at 2k: docs/design.md).
+            s = at(score)
+            total = s[..., 0::2] + s[..., 1::2]
+            share = torch.where(total > 0, s[..., 0::2] / total.clamp_min(1e-30), share)
         plan.merge = Merge(
             src=first, dst=second, do=do, counts=True,
             key=(merged.weight[..., 0::2], merged.weight[..., 1::2]),
-            value=(merged.share[..., 0::2], merged.share[..., 1::2]),
+            value=(share, 1 - share),
             state={"score": merged.score[..., 1::2]},
         )  # fmt: skip
         count = do.sum(-1)
