@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import user_policy  # noqa: F401  (registers a user's own policy, "decayed")
-from helpers import CountingBackend, kv_model, prompts
+from helpers import CountingBackend, kv_model, prefill_and_decode, prompts
 
 import kvslim_fx
 
@@ -48,11 +48,30 @@ def test_compiled_decode_is_one_graph_without_recompiles(method, budget, options
     warm = backend.graphs
     got = kvslim_fx.generate(compiled, ids, mask, max_new_tokens=50, eos_token_id=[])
     assert backend.graphs == warm, "decode recompiled after warm-up"
-    assert torch.equal(got, eager)
+    if options.get("storage") == "int8" and not torch.equal(got, eager):
+        assert_parted_at_a_near_tie(model, ids, mask, eager, got)
+    else:
+        assert torch.equal(got, eager)
     # The cache crossed its budget during those 50 steps (evicting or merging) without recompiling.
     assert ids.shape[1] + 50 > budget
     if method != "streaming":
         assert model.layers[0].merge_stats[0] > 0
+
+
+def assert_parted_at_a_near_tie(model, ids, mask, eager, got) -> None:
+    """Int8 codes turn a float difference of one rounding (compiled kernels sum in other orders
+    than eager ones) into a whole code step now and then, which may decide a later eviction the
+    other way (on an AMD EPYC, AVX2 code: row 1 parted at its 32nd new token, eager's two best logits
+    0.006 apart, the compiled step's 0.013 off). So the tokens may part, but only where eager's
+    two best logits are nearly tied; up to there they are equal."""
+    P = ids.shape[1]
+    logits = prefill_and_decode(model, ids, mask, steps=eager.shape[1] - P)
+    assert torch.equal(logits[:, P - 1 : -1].argmax(-1), eager[:, P:])
+    for row in range(eager.shape[0]):
+        parted = (got[row, P:] != eager[row, P:]).nonzero()
+        if len(parted):
+            best, second = logits[row, P - 1 + int(parted[0])].topk(2).values
+            assert best - second < 0.02, (row, int(parted[0]), float(best - second))
 
 
 def test_batch_8_prompts_of_other_lengths_reuse_the_graphs():
