@@ -61,9 +61,9 @@ def test_compiled_decode_is_one_graph_without_recompiles(method, budget, options
 def assert_parted_at_a_near_tie(model, ids, mask, eager, got) -> None:
     """Int8 codes turn a float difference of one rounding (compiled kernels sum in other orders
     than eager ones) into a whole code step now and then, which may decide a later eviction the
-    other way (on an AMD EPYC, AVX2 code: row 1 parted at its 32nd new token, eager's two best logits
-    0.006 apart, the compiled step's 0.013 off). So the tokens may part, but only where eager's
-    two best logits are nearly tied; up to there they are equal."""
+    other way (on an AMD EPYC: row 1 parted at its 32nd new token, eager's two best logits 0.006
+    apart, the compiled step's 0.013 off). So the tokens may part, but only where eager's two
+    best logits are nearly tied; up to there they are equal."""
     P = ids.shape[1]
     logits = prefill_and_decode(model, ids, mask, steps=eager.shape[1] - P)
     assert torch.equal(logits[:, P - 1 : -1].argmax(-1), eager[:, P:])
