@@ -1,4 +1,4 @@
-"""KVSlimmer ablations: which part of its merge costs quality (docs/design.md, Merging methods).
+"""KVSlimmer ablations: which part of its merge costs quality (docs/design.md, Measurements).
 
 Every variant keeps KVSlimmer's selection (the same disjoint adjacent pairs, chosen by the same
 statistic, on the same schedule) and changes only what a selected pair becomes:
@@ -46,9 +46,9 @@ class _PairRule(KVSlimmer):
         best = (keep_first, 1 - keep_first)
         if self.best_key or self.keep_best:
             plan.merge.key = best
+            plan.fallbacks = torch.zeros_like(do)  # the closed form's fallback no longer applies
         if self.keep_best:
             plan.merge.value = best
-            plan.fallbacks = torch.zeros_like(do)
             if not self.counted:  # every slot keeps one token: no cardinality to add
                 plan.merge.counts = False
                 plan.merge.state = {"score": torch.maximum(s_first, s_second)}
