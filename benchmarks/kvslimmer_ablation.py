@@ -10,7 +10,12 @@ statistic, on the same schedule) and changes only what a selected pair becomes:
   merge does, so the statistic (attention × cardinality) and hence the selection evolve as
   KVSlimmer's: the merge's arithmetic without the merge;
 - ``kvslimmer_kbest``: the better-scored member's key instead of the closed form (with
-  ``value="attention"``: that key and the members' attention-weighted value).
+  ``value="attention"``: that key and the members' attention-weighted value);
+- ``kvslimmer_vbest``: the closed-form key with the better-scored member's value (cardinalities
+  add): the key merge without the value blend;
+- ``kvslimmer_gate:gate=τ``: a pair merges only where its members' values are alike (cosine
+  ``>= τ``) and keeps its better-scored member whole otherwise (cardinalities still add, as a
+  merge's do): ``τ = 1`` is ``kvslimmer_evict_counted``, ``τ = -1`` is ``kvslimmer``.
 
 The variants register as methods, so the arguments are those of ``benchmarks/quality.py``::
 
@@ -26,16 +31,19 @@ from typing import ClassVar
 
 import quality
 import torch
+from torch import Tensor
 
 from kvslim_fx.methods import register_method
 from kvslim_fx.methods.kvslimmer import KVSlimmer
 
 
 class _PairRule(KVSlimmer):
-    """KVSlimmer whose merged pair takes the better-scored member's key (``best_key``) or key and
-    value (``keep_best``); ``counted``: that slot still counts both members' tokens."""
+    """KVSlimmer whose merged pair takes the better-scored member's key (``best_key``), value
+    (``best_value``) or both (``keep_best``); ``counted``: a kept member's slot still counts both
+    members' tokens."""
 
     best_key: ClassVar[bool] = False
+    best_value: ClassVar[bool] = False
     keep_best: ClassVar[bool] = False
     counted: ClassVar[bool] = False
 
@@ -44,14 +52,44 @@ class _PairRule(KVSlimmer):
         s_first, s_second = score.gather(2, first), score.gather(2, second)
         keep_first = (s_first > s_second).float()  # ties keep the later member, as a merge does
         best = (keep_first, 1 - keep_first)
+        keep = self._keeps_best(cache, first, second)  # [B, H, P] the pairs that do not merge
+
+        def pick(merged: tuple) -> tuple:
+            return tuple(torch.where(keep, b, m) for b, m in zip(best, merged, strict=True))
+
         if self.best_key or self.keep_best:
-            plan.merge.key = best
-            plan.fallbacks = torch.zeros_like(do)  # the closed form's fallback no longer applies
-        if self.keep_best:
-            plan.merge.value = best
-            if not self.counted:  # every slot keeps one token: no cardinality to add
-                plan.merge.counts = False
-                plan.merge.state = {"score": torch.maximum(s_first, s_second)}
+            plan.merge.key = pick(plan.merge.key)
+            plan.fallbacks = plan.fallbacks & ~keep  # the closed form's fallback does not apply
+        if self.best_value or self.keep_best:
+            plan.merge.value = pick(plan.merge.value)
+        if self.keep_best and not self.counted:  # every slot keeps one token: no cardinality
+            plan.merge.counts = False
+            plan.merge.state = {"score": torch.maximum(s_first, s_second)}
+
+    def _keeps_best(self, cache, first: Tensor, second: Tensor) -> Tensor:
+        """``[B, H, P]`` bool: the pairs ``(first, second)`` that keep their better member."""
+        return torch.ones_like(first, dtype=torch.bool)
+
+
+@register_method
+class Gate(_PairRule):
+    """Merge alike pairs (value cosine ``>= gate``), keep the better member of the others."""
+
+    name = "kvslimmer_gate"
+    keep_best = True
+    counted = True
+
+    def __init__(self, *args, gate: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = float(gate)
+
+    def options(self) -> dict:
+        return {**super().options(), "gate": self.gate}
+
+    def _keeps_best(self, cache, first: Tensor, second: Tensor) -> Tensor:
+        values = cache.storage.values()
+        at = lambda i: values.gather(2, i[..., None].expand(*i.shape, values.shape[-1])).float()  # noqa: E731
+        return torch.nn.functional.cosine_similarity(at(first), at(second), dim=-1) < self.gate
 
 
 @register_method
@@ -70,6 +108,12 @@ class EvictCounted(Evict):
 class BestKey(_PairRule):
     name = "kvslimmer_kbest"
     best_key = True
+
+
+@register_method
+class BestValue(_PairRule):
+    name = "kvslimmer_vbest"
+    best_value = True
 
 
 if __name__ == "__main__":

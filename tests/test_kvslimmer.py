@@ -146,8 +146,9 @@ def test_bias_cap_limits_the_cardinality_attention_counts():
 
 
 def test_attention_value_weighs_each_pair_by_its_statistic():
-    """``value="attention"``: each merged value is the members' mean weighted by their selection
-    statistic (the token-weighted one where both are 0); the default weighs by cardinality."""
+    """``value="attention"`` (the default): each merged value is the members' mean weighted by
+    their selection statistic (the token-weighted one where both are 0); ``"cardinality"``
+    weighs by their tokens."""
     seen = []
     merge_plan = KVSlimmer._merge_plan
 
@@ -180,7 +181,7 @@ def test_options_are_checked():
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, bias_cap=0.5)
     with pytest.raises(KVSlimError, match="score must be one of mean, last"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, score="max")
-    with pytest.raises(KVSlimError, match="value must be one of cardinality, attention"):
+    with pytest.raises(KVSlimError, match="value must be one of attention, cardinality"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 64, value="sum")
     with pytest.raises(KVSlimError, match="budget=32 must exceed sink=32"):
         kvslim_fx.transform(hf_model("llama"), "kvslimmer", 32, sink=32)

@@ -57,3 +57,34 @@ def test_evict_keeps_whole_tokens_and_drops_as_many_as_kvslimmer_merges():
     for (b, h, p), row in by_position(e, e.storage.values()).items():
         if p < int(mask[b].sum()):
             assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("gate", "same_as"), [(-1.0, "kvslimmer"), (2.0, "kvslimmer_evict_counted")]
+)
+def test_gate_at_its_ends_is_the_merge_or_the_counted_eviction(gate, same_as):
+    ids, mask = prompts(2, 70, [0, 9], seed=4)
+    gated = kv_model("llama", "kvslimmer_gate", 32, gate=gate, **OPTIONS)
+    other = kv_model("llama", same_as, 32, **OPTIONS)
+    for model in (gated, other):
+        prefill_and_decode(model, ids, mask, steps=5)
+    for g, o in zip(gated.layers, other.layers, strict=True):
+        assert torch.equal(g.pos, o.pos) and torch.equal(g.logc, o.logc)
+        torch.testing.assert_close(g.storage.keys(), o.storage.keys(), rtol=0, atol=0)
+        torch.testing.assert_close(g.storage.values(), o.storage.values(), rtol=0, atol=0)
+        assert torch.equal(g.merge_stats, o.merge_stats)
+
+
+def test_vbest_keeps_a_member_value_but_counts_the_pair():
+    ids, mask = prompts(2, 70, [0, 9], seed=5)
+    full = kv_model("llama", "full")
+    vbest = kv_model("llama", "kvslimmer_vbest", 32, **OPTIONS)
+    for model in (full, vbest):
+        prefill_and_decode(model, ids, mask, steps=5)
+    f, v = full.layers[0], vbest.layers[0]
+    occupied = v.pos[:, :, :32] >= 0
+    assert float(v.logc[:, :, :32][occupied].max()) > 0  # merged slots count their members
+    exact = by_position(f, f.storage.values())
+    for (b, h, p), row in by_position(v, v.storage.values()).items():
+        if p < int(mask[b].sum()):  # one member's value, unblended (see the test above)
+            assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5

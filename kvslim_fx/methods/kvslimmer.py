@@ -1,4 +1,4 @@
-"""``kvslimmer`` (Liu et al. 2026): merge adjacent slots with a closed-form key and value sums.
+"""``kvslimmer`` (Liu et al. 2026): merge adjacent slots into a closed-form key and a mean value.
 
 Each step, after attention, the method
 
@@ -22,10 +22,10 @@ Each step, after attention, the method
    that is one product ``α·V`` for ``o`` and ``O(D)`` per pair, not a pass over every slot's
    value (a running mean per slot would need one each step, and measured no better). The earlier key
    rotated forward by the position gap (RoPE-correct, post-RoPE storage); cardinalities add
-   (no cap) and the value is the members' mean weighted by their tokens (``value=
-   "cardinality"``: the paper's value sums) or by their statistic (``"attention"``: attention
-   counts the slot once, so the mean its members' attention weights stands for their output);
-   the merged slot takes the later position. Where the quadratic is
+   (no cap) and the value is the members' mean weighted by their statistic (``value=
+   "attention"``, the default: attention counts the slot once, so the mean its members'
+   attention weights stands for their output) or by their tokens (``"cardinality"``: the
+   paper's value sums); the merged slot takes the later position. Where the quadratic is
    not convex it falls back to the score-weighted mean, and counts it
    (``LayerCache.merge_stats``). The weights are ``kernels/run_merge.py``'s ``merge_runs``
    on runs of two; the storage combines the rows (``kvslim::merge_rows`` for ``dense``);
@@ -34,8 +34,9 @@ Each step, after attention, the method
 All of it is a plan (``kvslim_fx.plan``) that the cache applies; the policy writes nothing.
 
 Attention counts a merged slot ``min(c, bias_cap)`` times (its ``log c`` bias capped). The paper's
-exact bias (``bias_cap=inf``) measured worse than no bias (``bias_cap=1``, the default) on
-SmolLM2-135M; the figures are in docs/design.md.
+exact bias (``bias_cap=inf``) and its value sums (``value="cardinality"``) measured worse than no
+bias (``bias_cap=1``) and attention-weighted values, the defaults, on SmolLM2-135M; the figures
+are in docs/design.md.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ _SLOT_STATE = {
 # that of the last step only (the reference code's choice, and TOVA's rule).
 _SCORES = ("mean", "last")
 
-# A merged pair's value: the members' mean weighted by their tokens (the paper's value sums with
-# cardinalities), or by their attention (the selection statistic, every member counted).
-_VALUES = ("cardinality", "attention")
+# A merged pair's value: the members' mean weighted by their attention (the selection statistic,
+# every member counted), or by their tokens (the paper's value sums with cardinalities).
+_VALUES = ("attention", "cardinality")
 
 
 def _sixteenth(slots: int) -> int:
@@ -152,7 +153,7 @@ class KVSlimmer(Method):
         convex: bool = False,
         bias_cap: float = 1.0,
         score: str = "last",
-        value: str = "cardinality",
+        value: str = "attention",
         merge_fraction: float = 0.25,
         observe: int = 1,
         kernel: int = 7,
@@ -372,18 +373,19 @@ class KVSlimmer(Method):
             adjacent_coupling(a, means, out), within.expand(B, H, -1), None, None, self.convex,
             self.eps,
         )  # fmt: skip
-        share = merged.share[..., 0::2]  # the first member's share of the tokens
+        value = (merged.share[..., 0::2], merged.share[..., 1::2])  # the members' token shares
         if self.value == "attention":
             # Attention counts the merged slot once (bias_cap=1), so the value that stands for
             # the pair's output is the members' attention-weighted mean (measured better than
-            # the token-weighted one at 2k: docs/design.md).
+            # the token-weighted one at 2k, level at 8k: docs/design.md, Measurements).
             s = at(score)
             total = s[..., 0::2] + s[..., 1::2]
-            share = torch.where(total > 0, s[..., 0::2] / total.clamp_min(1e-30), share)
+            w = torch.where(total > 0, s[..., 0::2] / total.clamp_min(1e-30), value[0])
+            value = (w, torch.where(total > 0, 1 - w, value[1]))
         plan.merge = Merge(
             src=first, dst=second, do=do, counts=True,
             key=(merged.weight[..., 0::2], merged.weight[..., 1::2]),
-            value=(share, 1 - share),
+            value=value,
             state={"score": merged.score[..., 1::2]},
         )  # fmt: skip
         count = do.sum(-1)
