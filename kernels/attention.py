@@ -245,7 +245,12 @@ def _attend_unmasked(
     if bool((first < 0).any()) or not torch.equal(q_pos, first + steps):
         return None  # padding, or a chunk that is not consecutive positions
     span = L - 1  # the longest query-key distance inside the chunk
-    if (window and span >= window) or (recent and span >= recent):
+    if window and span >= window:
+        return None
+    # Inside the chunk the recent rule hides key j from the newest query only where j is no
+    # sink: with no such key the chunk is plain causal (StreamingLLM's sinks + one recent slot
+    # prefilling its first tokens, say).
+    if recent and bool((first.clamp_min(sink) <= first + span - recent).any()):
         return None
     filled = cache_pos >= 0
     n = int(filled.flatten(0, 1).any(0).nonzero().max()) + 1 if bool(filled.any()) else 0

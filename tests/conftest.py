@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -26,6 +27,9 @@ torch.set_num_threads(
 # eager tokens), not how well a C++ compiler optimises it: -O0 instead of -O3 takes about a
 # third off each compiled model and package on 2 cores. Benchmarks compile with the defaults.
 os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+# Likewise scalar loops instead of SIMD ones: choosing a vector tiling (sympy over the symbolic
+# chunk length) was a quarter of compiling KVSlimmer's tiny model.
+torch._inductor.config.cpp.simdlen = 1
 
 # Property tests draw fresh examples on every run; a failure prints the blob that replays it
 # (@reproduce_failure) besides the falsifying example, and no draw has a deadline (the first call

@@ -16,8 +16,9 @@ import kvslim_fx
 CASES = [
     # The ring layout (full's too: test_export.py packages it), over the lorc storage's latents.
     ("streaming", 40, {"storage": "lorc"}),
-    # Keys kept before RoPE (test_pre_rope.py): merged unrotated, rotated when read.
-    ("kvslimmer", 48, {"sink": 4, "recent": 4, "storage": "dense:pre_rope=true"}),
+    # Keys kept before RoPE (test_pre_rope.py): merged unrotated, rotated when read. Chunks of
+    # 8: KVSlimmer's chunk limit at 48 slots is 9, which would part 32-token chunks raggedly.
+    ("kvslimmer", 48, {"sink": 4, "recent": 4, "storage": "dense:pre_rope=true", "chunk_size": 8}),
     # Int8 weights (test_int8_weights.py): a batch-2 decode step reads the codes as a reduction.
     ("weightedkv", 40, {"weights": "int8"}),
     # A user's own policy (tests/user_policy.py): H2O's score with a decay, so it covers H2O's
@@ -35,9 +36,10 @@ CASES = [
     ("method", "budget", "options"), CASES, ids=lambda c: c if isinstance(c, str) else None
 )
 def test_compiled_decode_is_one_graph_without_recompiles(method, budget, options):
-    model = kv_model("llama", method, budget, chunk_size=32, **options)
-    # 64 tokens: two whole chunks, so the warm-up compiles one prefill shape and the decode
-    # step (a ragged last chunk would add a third graph, dynamic in its length).
+    model = kv_model("llama", method, budget, **{"chunk_size": 32, **options})
+    # 64 tokens: whole chunks (two, or KVSlimmer's eight), so the warm-up compiles one prefill
+    # shape and the decode step (a ragged last chunk would add a third graph, dynamic in its
+    # length).
     ids, mask = prompts(2, 64, [0, 9], seed=6)
     eager = kvslim_fx.generate(model, ids, mask, max_new_tokens=50, eos_token_id=[])
     torch._dynamo.reset()
