@@ -1,6 +1,6 @@
 """Test-wide setup: Triton runs through its interpreter on machines without a GPU, Inductor's
-C++ is compiled without optimisation, and the benchmarks' shared module imports as ``common``,
-as it does when they run as scripts."""
+C++ is compiled without optimisation or SIMD loops, and the benchmarks' shared module imports as
+``common``, as it does when they run as scripts."""
 
 from __future__ import annotations
 
