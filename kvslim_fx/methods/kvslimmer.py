@@ -6,9 +6,7 @@ Each step, after attention, the method
    second pass): ``score_j = p_j · c_j / min(c_j, bias_cap)`` (``p_j``: the slot's mean
    attention probability per query; every member of a merged slot counts), the last step's
    (``score="last"``, as the reference selects from the current chunk) or its running mean
-   (``"mean"``): new tokens get theirs at their first step in the cache. ``"sum"``: the mass
-   ``p_j`` times the step's queries, accumulated from the arriving chunk on (H2O's statistic,
-   which remembers how the text around a token read it);
+   (``"mean"``). New tokens get theirs at their first step in the cache;
 2. if the new tokens do not fit in the empty slots, picks that many disjoint adjacent pairs (in
    position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
    window, one selection per layer shared by the KV heads (``per_head=True``: per head);
@@ -71,10 +69,9 @@ _SLOT_STATE = {
 }
 
 
-# The selection statistic: the slot's mean attention probability over the steps it has lived,
-# that of the last step only (the reference code's choice, and TOVA's rule), or the attention
-# mass accumulated from every query that saw it, its arriving chunk's included (H2O's rule).
-_SCORES = ("mean", "last", "sum")
+# The selection statistic: the slot's mean attention probability over the steps it has lived, or
+# that of the last step only (the reference code's choice, and TOVA's rule).
+_SCORES = ("mean", "last")
 
 # A merged pair's value: the members' mean weighted by their attention (the selection statistic,
 # every member counted), or by their tokens (the paper's value sums with cardinalities).
@@ -260,15 +257,9 @@ class KVSlimmer(Method):
         score = cache.score[:, :, :C]
         if self.score == "last":
             score = torch.where(lived, score_now, score)
-        elif self.score == "mean":
+        else:
             score = score + torch.where(lived, (score_now - score) / steps.clamp_min(1), 0)
-        else:  # "sum": the step's mass per query head, not its mean over the step's queries
-            score = score + torch.where(lived, score_now * count, 0)
         plan = Plan(state={"score": score, "steps": steps})
-        if self.score == "sum":
-            # What the arriving chunk's own queries give a new token (a needle's second mention
-            # reads its first) counts too, as H2O counts it; mass[..., C] is the trash slot.
-            plan.new_state = {"score": mass[..., C + 1 :] / (cache.site.num_q_heads // H)}
         if C > 1:  # a one-slot cache has no pair (and then always holds the whole sequence)
             need = (count[..., 0] - (pos < 0).sum(-1)).clamp_min(0)  # [B, H]
             select = self._pair if one else self._pairs
