@@ -36,6 +36,17 @@ def by_position(layer, rows: torch.Tensor) -> dict[tuple[int, int, int], torch.T
             for b, h, s in (pos >= 0).nonzero().tolist()}  # fmt: skip
 
 
+def assert_first_layer_values_are_whole_tokens(model, full, mask: torch.Tensor) -> None:
+    """The first layer's values depend on the token alone: each slot's is the uncompressed
+    model's at its position or, where the pair kept its earlier member, at an earlier one (the
+    prompt's tokens: the decoded ones differ from full's once the cache compresses)."""
+    f, m = full.layers[0], model.layers[0]
+    exact = by_position(f, f.storage.values())
+    for (b, h, p), row in by_position(m, m.storage.values()).items():
+        if p < int(mask[b].sum()):
+            assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5
+
+
 def test_evict_keeps_whole_tokens_and_drops_as_many_as_kvslimmer_merges():
     ids, mask = prompts(2, 70, [0, 9], seed=3)
     full = kv_model("llama", "full")
@@ -49,14 +60,7 @@ def test_evict_keeps_whole_tokens_and_drops_as_many_as_kvslimmer_merges():
         # Nothing merged: every slot is one token.
         assert torch.equal(e.logc[:, :, :32][occupied], torch.zeros(int(occupied.sum())))
         assert e.merge_stats[0] == s.merge_stats[0] > 0  # as many tokens go as KVSlimmer merges
-    # The first layer's values depend on the token alone: each slot's is the uncompressed
-    # model's at its position or, where the pair kept its earlier member, at an earlier one
-    # (the prompt's tokens: the decoded ones differ from full's once the cache compresses).
-    f, e = full.layers[0], evict.layers[0]
-    exact = by_position(f, f.storage.values())
-    for (b, h, p), row in by_position(e, e.storage.values()).items():
-        if p < int(mask[b].sum()):
-            assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5
+    assert_first_layer_values_are_whole_tokens(evict, full, mask)
 
 
 @pytest.mark.parametrize(
@@ -81,10 +85,7 @@ def test_vbest_keeps_a_member_value_but_counts_the_pair():
     vbest = kv_model("llama", "kvslimmer_vbest", 32, **OPTIONS)
     for model in (full, vbest):
         prefill_and_decode(model, ids, mask, steps=5)
-    f, v = full.layers[0], vbest.layers[0]
+    v = vbest.layers[0]
     occupied = v.pos[:, :, :32] >= 0
     assert float(v.logc[:, :, :32][occupied].max()) > 0  # merged slots count their members
-    exact = by_position(f, f.storage.values())
-    for (b, h, p), row in by_position(v, v.storage.values()).items():
-        if p < int(mask[b].sum()):  # one member's value, unblended (see the test above)
-            assert min((row - exact[b, h, q]).abs().max() for q in range(p + 1)) < 1e-5
+    assert_first_layer_values_are_whole_tokens(vbest, full, mask)  # one member's, unblended
