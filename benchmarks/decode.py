@@ -493,10 +493,12 @@ class KVSlimDecoder:
 
     def __init__(self, hf: Any, row: Row, batch: int, context: int, max_length: int, args) -> None:
         import kvslim_fx
+        from kvslim_fx.methods import parse_spec
 
         self.batch, self.context, self.max_length = batch, context, max_length
-        core = kvslim_fx.transform(hf, row.method, row.slots(context), chunk_size=args.chunk_size,
-                                   storage=row.storage, weights=row.weights)  # fmt: skip
+        method, options = parse_spec(row.method)  # a spec such as kvslimmer:recent=32
+        core = kvslim_fx.transform(hf, method, row.slots(context), chunk_size=args.chunk_size,
+                                   storage=row.storage, weights=row.weights, **options)  # fmt: skip
         core.reset(batch_size=batch, max_length=max_length, prompt_len=context)
         self.core = core
         self.model: Any = core
@@ -981,7 +983,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=5, help="timed runs per cell (prefill + decode; default: 5)"
     )
     p.add_argument("--rows", help="comma-separated shell patterns over row names (default: all)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"(default: {DEFAULT_METHODS})")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"names or specs, e.g. kvslimmer:recent=32 (default: {DEFAULT_METHODS})",
+    )
     p.add_argument(
         "--budgets",
         default="2048,0.25",
@@ -1053,7 +1059,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         from kvslim_fx.methods import METHODS
 
-        unknown = [m for m in methods if m not in METHODS or m == "full"]
+        unknown = [m for m in methods if m.split(":")[0] not in METHODS or m == "full"]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(set(METHODS) - {'full'})}")
         from kvslim_fx.storage import make_storage

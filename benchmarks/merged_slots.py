@@ -34,6 +34,7 @@ import kvslim_fx
 from kvslim_fx.budget import parse_budget
 from kvslim_fx.eval.default_model import load_default_model
 from kvslim_fx.eval.perplexity import austen_windows
+from kvslim_fx.methods import parse_spec
 
 
 def largest_slots(model: kvslim_fx.KVSlimModel) -> list[list[tuple[int, int]]]:
@@ -103,6 +104,13 @@ def attention_shares(
     return shares
 
 
+def middle(model: kvslim_fx.KVSlimModel, layer, length: int) -> tuple[int, int]:
+    """The first and last position a ``length``-token prompt may merge in ``layer``: after the
+    method's sinks, before its recent window (KVSlimmer's rules, not the slot layout's)."""
+    C = layer.capacity
+    return model.method.sink_for(C), length - 1 - model.method.recent_for(C)
+
+
 def window_rows(
     args: argparse.Namespace, hf: nn.Module, model: kvslim_fx.KVSlimModel, window: Tensor, i: int
 ) -> list[dict]:
@@ -115,7 +123,7 @@ def window_rows(
         model.end_prompt()
     largest = [max(enumerate(heads), key=lambda h: h[1][1] - h[1][0])
                for heads in largest_slots(model)]  # fmt: skip
-    regions = [[(h, lo, hi), (None, layer.layout.sink, args.context - 1 - layer.layout.recent)]
+    regions = [[(h, lo, hi), (None, *middle(model, layer, args.context))]
                for (h, (lo, hi)), layer in zip(largest, model.layers, strict=True)]  # fmt: skip
     shares = attention_shares(hf, window, args.context - 1, regions)
     rows = []
@@ -180,7 +188,7 @@ def render(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="kvslimmer")
+    parser.add_argument("--method", default="kvslimmer", help="a method spec (kvslimmer:recent=32)")
     parser.add_argument("--budget", default="0.25", help="slots per layer or a fraction")
     parser.add_argument("--context", type=int, default=8064)
     parser.add_argument("--continuation", type=int, default=128)
@@ -195,7 +203,8 @@ def main() -> None:
     hf_model.eval()
     windows = austen_windows(tokenizer, args.context, args.continuation, args.count, args.seed)
     budget = parse_budget(args.budget, "budget")
-    model = kvslim_fx.transform(hf_model, method=args.method, budget=budget, chunk_size=512)
+    name, options = parse_spec(args.method)
+    model = kvslim_fx.transform(hf_model, name, budget, chunk_size=512, **options)
     rows = []
     for index in (int(w) for w in args.windows.split(",")):
         log(f"window {index}...")

@@ -81,7 +81,7 @@ def test_long_chunks_are_split_to_what_a_budget_can_free():
     assert model.chunk_size == (48 - 4 - 8 - 1) // 4  # merge_fraction=0.25 of the mergeable pairs
     model = kv_model("llama", "kvslimmer", 48, chunk_size=512, merge_fraction=0.5)
     model.reset(batch_size=1, max_length=200)
-    assert model.chunk_size == (48 - 3 - 3 - 1) // 2  # sink and recent: a sixteenth of 48
+    assert model.chunk_size == (48 - 3 - 24 - 1) // 2  # sinks: a sixteenth of 48; recent: half
     with pytest.raises(KVSlimError, match="leaves no room to compress"):
         kv_model("llama", "kvslimmer", 12, sink=4, recent=8).reset(batch_size=1)
     # A budget covering the sequence never merges: chunks keep their requested size.
@@ -90,11 +90,14 @@ def test_long_chunks_are_split_to_what_a_budget_can_free():
 
 
 @pytest.mark.parametrize(
-    ("budget", "sink_recent"), [(7, 1), (16, 1), (64, 4), (512, 32), (4096, 32)]
+    ("budget", "sink", "recent"),
+    [(7, 1, 1), (16, 1, 8), (64, 4, 32), (512, 32, 256), (4096, 32, 2048)],
 )
-def test_sink_and_recent_scale_with_small_budgets(budget, sink_recent):
+def test_sink_and_recent_scale_with_small_budgets(budget, sink, recent):
     method = KVSlimmer(budget)
-    assert method.sink_for(budget) == method.recent_for(budget) == sink_recent
+    assert method.sink_for(budget) == sink
+    assert method.recent_for(budget) == recent  # half, leaving the 4 pairs one merge needs
+    assert method.recent_for(budget, rounds=True) == sink  # a full prefill's: a sixteenth
     assert method.max_chunk(budget) >= 1
     assert KVSlimmer(6).max_chunk(6) == 0  # the smallest budget the defaults accept is 7
 
@@ -256,7 +259,7 @@ def test_prompt_score_pools_the_attention_over_neighbours_in_position_order(C, k
     prob = torch.rand(C, generator=g, dtype=torch.float64)
     got = method.prompt_score(prob[None, None], pos[None, None], slots)[0, 0]
 
-    sink, recent = method.sink_for(slots), method.recent_for(slots)
+    sink, recent = method.sink_for(slots), method.recent_for(slots, rounds=True)
     order = pos.argsort()
     sp = pos[order]
     lend = (sp >= sink) & (sp <= sp.max() - recent)

@@ -8,8 +8,9 @@ Each step, after attention, the method
    (``score="last"``, as the reference selects from the current chunk) or its running mean
    (``"mean"``). New tokens get theirs at their first step in the cache;
 2. if the new tokens do not fit in the empty slots, picks that many disjoint adjacent pairs (in
-   position order) with the lowest ``score_j + score_{j+1}``, outside the sinks and the recent
-   window, one selection per layer shared by the KV heads (``per_head=True``: per head);
+   position order) with the lowest ``score_j + score_{j+1}``, outside the sinks (a sixteenth of
+   the slots) and the recent window (half of them: :meth:`KVSlimmer.recent_for`), one selection
+   per layer shared by the KV heads (``per_head=True``: per head);
    ``recency=ρ > 1`` divides pair ``j``'s cost by the reference's ``exp(j/γ)``, ``γ = slots /
    ln ρ``. The model's chunk limit (:meth:`KVSlimmer.max_chunk`) keeps every step within
    ``merge_fraction`` of the mergeable pairs, so disjoint pairs always suffice and no slot more
@@ -202,9 +203,18 @@ class KVSlimmer(Method):
         """Sink slots of a ``slots``-slot layer: the option, or 1/16 of the slots (1 to 32)."""
         return _sixteenth(slots) if self.sink is None else self.sink
 
-    def recent_for(self, slots: int) -> int:
-        """Protected recent slots: the option, or 1/16 of the slots (1 to 32)."""
-        return _sixteenth(slots) if self.recent is None else self.recent
+    def recent_for(self, slots: int, rounds: bool = False) -> int:
+        """Protected recent slots: the option, or by default half the slots (H2O's split) while
+        the prompt is read chunk by chunk and in decode, where nothing has yet asked about the
+        newest text and only recency protects it, and 1/16 of them (1 to 32) in a
+        ``prefill="full"`` compression's ``rounds``, where the question's attention decides
+        what is kept. The default leaves the 4 mergeable pairs one merge needs (:meth:`floor`).
+        """
+        if self.recent is not None:
+            return self.recent
+        if rounds:
+            return _sixteenth(slots)
+        return max(1, min(slots // 2, slots - self.sink_for(slots) - 5))
 
     def attention_logc(self, logc: Tensor) -> Tensor:
         # Counting all ``c`` members at the merged key's logit gives the model more of the
@@ -269,13 +279,14 @@ class KVSlimmer(Method):
             self._merge_plan(plan, cache, first, second, do, score, alpha, out)
         return plan
 
-    def _selection(self, pos: Tensor, score: Tensor, slots: int) -> tuple:
+    def _selection(self, pos: Tensor, score: Tensor, slots: int, rounds: bool = False) -> tuple:
         """The arguments of ``pair_costs`` / ``kvslim::select_pair`` for slots at ``pos`` with
-        the statistic ``score`` (``[B, H, C]``), and the sinks, recent window and recency of a
-        ``slots`` budget."""
+        the statistic ``score`` (``[B, H, C]``), and the sinks, recent window (of a full
+        prefill's ``rounds`` or not) and recency of a ``slots`` budget."""
         # The reference's recency factor exp(j/γ) reaches `recency` at the budget's last pair.
         gamma = slots / math.log(self.recency) if self.recency > 1 else 0.0
-        return pos, score, self.sink_for(slots), self.recent_for(slots), self.per_head, gamma
+        recent = self.recent_for(slots, rounds)
+        return pos, score, self.sink_for(slots), recent, self.per_head, gamma
 
     def prompt_plans(self, cache, slots: int) -> Iterator[Plan]:
         """Merge a cache holding the whole prompt down to ``slots``, in rounds: each round scores
@@ -293,14 +304,17 @@ class KVSlimmer(Method):
             score = self.prompt_score(prob, pos, slots)
             means = cache.storage.values()[:, :, :C]
             alpha, out = middle_output(prob, pos >= self.sink_for(slots), means)
-            edges = torch.isfinite(pair_costs(*self._selection(pos, score, slots))[3]).sum(-1)
+            selection = self._selection(pos, score, slots, rounds=True)
+            edges = torch.isfinite(pair_costs(*selection)[3]).sum(-1)
             if not bool((edges > 0).all()):
                 raise KVSlimError(
                     f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
             plan = Plan(state={"score": score})
-            first, second, do = self._pairs(pos, score, torch.minimum(excess, rule), slots)
+            first, second, do = self._pairs(
+                pos, score, torch.minimum(excess, rule), slots, rounds=True
+            )
             self._merge_plan(plan, cache, first, second, do, score, alpha, out)
             yield plan
 
@@ -318,7 +332,8 @@ class KVSlimmer(Method):
         """
         order = pos.argsort(dim=-1)
         sp = pos.gather(2, order)
-        lend = (sp >= self.sink_for(slots)) & (sp <= sp[..., -1:] - self.recent_for(slots))
+        recent = self.recent_for(slots, rounds=True)
+        lend = (sp >= self.sink_for(slots)) & (sp <= sp[..., -1:] - recent)
         pooled = neighbour_max(torch.where(lend, prob.gather(2, order), -torch.inf), self.kernel)
         return torch.empty_like(prob).scatter_(2, order, torch.where(lend, pooled, 0.0))
 
@@ -328,12 +343,14 @@ class KVSlimmer(Method):
         first, second, ok = torch.ops.kvslim.select_pair(*self._selection(pos, score, slots))
         return first[..., None], second[..., None], (ok & (need > 0))[..., None]
 
-    def _pairs(self, pos: Tensor, score: Tensor, need: Tensor, slots: int) -> tuple:
+    def _pairs(
+        self, pos: Tensor, score: Tensor, need: Tensor, slots: int, rounds: bool = False
+    ) -> tuple:
         """The cheapest disjoint adjacent pairs (position order) that free ``need [B, H]`` slots:
         ``first, second, do`` ``[B, H, P]``, ``P = C // 2``; ``slots``: the budget whose sinks and
-        recent window are protected."""
+        recent window (of a full prefill's ``rounds`` or not) are protected."""
         C = pos.shape[-1]
-        order, _, _, edge = pair_costs(*self._selection(pos, score, slots))
+        order, _, _, edge = pair_costs(*self._selection(pos, score, slots, rounds))
         joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
         if not torch.compiler.is_compiling() and bool((joined.sum(-1) < need).any()):
             # The chunk limit (max_chunk) makes this impossible; a token must never be lost.
