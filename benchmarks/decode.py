@@ -1057,11 +1057,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if set(modes) - {"eager", "compile", "aoti"}:
             raise ValueError(f"--method-modes takes eager, compile, aoti; got {modes}")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        from kvslim_fx.methods import METHODS
+        from kvslim_fx.methods import METHODS, make_method, parse_spec
+        from kvslim_fx.transform import TRANSFORM_OPTIONS
 
         unknown = [m for m in methods if m.split(":")[0] not in METHODS or m == "full"]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(set(METHODS) - {'full'})}")
+        for spec in methods:  # a bad option fails now, not in a cell's process after the HF rows
+            name, options = parse_spec(spec)
+            make_method(name, **{k: v for k, v in options.items() if k not in TRANSFORM_OPTIONS})
         from kvslim_fx.storage import make_storage
 
         storages = tuple(x.strip() for x in args.storages.split(",") if x.strip())

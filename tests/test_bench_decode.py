@@ -36,6 +36,22 @@ def test_budgets_are_slots_or_fractions_labelled_as_percentages():
     assert decode.budget_label(0.25) == "25%"
 
 
+def test_methods_are_specs_checked_before_any_cell_runs(capsys):
+    args = decode.parse_args(["--methods", "kvslimmer:recent=32", "--budgets", "0.25"])
+    assert [(r.name, r.method) for r in args.row_list[5:]] == [
+        ("kvslimmer:recent=32-25%-compile", "kvslimmer:recent=32")
+    ]
+    for bad, message in [
+        ("kvslimmer:recnt=3", "unexpected keyword argument 'recnt'"),
+        ("kvslimmer:recent", "a method option is KEY=VALUE"),
+        ("nope", "unknown methods"),
+        ("full", "unknown methods"),  # full has its own rows
+    ]:
+        with pytest.raises(SystemExit):
+            decode.parse_args(["--methods", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_rows_cover_hf_full_and_every_method_budget_and_mode():
     rows = decode.all_rows(["streaming", "h2o"], [2048, 0.25], ["compile", "eager"])
     names = [r.name for r in rows]
