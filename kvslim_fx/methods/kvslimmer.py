@@ -304,17 +304,15 @@ class KVSlimmer(Method):
             score = self.prompt_score(prob, pos, slots)
             means = cache.storage.values()[:, :, :C]
             alpha, out = middle_output(prob, pos >= self.sink_for(slots), means)
-            selection = self._selection(pos, score, slots, rounds=True)
-            edges = torch.isfinite(pair_costs(*selection)[3]).sum(-1)
+            costs = pair_costs(*self._selection(pos, score, slots, rounds=True))
+            edges = torch.isfinite(costs[3]).sum(-1)
             if not bool((edges > 0).all()):
                 raise KVSlimError(
                     f"{self.name}: {slots} slots leave no pair to merge; raise the budget"
                 )
             rule = (self.merge_fraction * edges).floor().long().clamp_min(1)
             plan = Plan(state={"score": score})
-            first, second, do = self._pairs(
-                pos, score, torch.minimum(excess, rule), slots, rounds=True
-            )
+            first, second, do = self._disjoint(costs, torch.minimum(excess, rule))
             self._merge_plan(plan, cache, first, second, do, score, alpha, out)
             yield plan
 
@@ -343,14 +341,16 @@ class KVSlimmer(Method):
         first, second, ok = torch.ops.kvslim.select_pair(*self._selection(pos, score, slots))
         return first[..., None], second[..., None], (ok & (need > 0))[..., None]
 
-    def _pairs(
-        self, pos: Tensor, score: Tensor, need: Tensor, slots: int, rounds: bool = False
-    ) -> tuple:
-        """The cheapest disjoint adjacent pairs (position order) that free ``need [B, H]`` slots:
-        ``first, second, do`` ``[B, H, P]``, ``P = C // 2``; ``slots``: the budget whose sinks and
-        recent window (of a full prefill's ``rounds`` or not) are protected."""
-        C = pos.shape[-1]
-        order, _, _, edge = pair_costs(*self._selection(pos, score, slots, rounds))
+    def _pairs(self, pos: Tensor, score: Tensor, need: Tensor, slots: int) -> tuple:
+        """The cheapest disjoint adjacent pairs (position order) that free ``need [B, H]`` slots
+        of a step: ``first, second, do`` ``[B, H, P]``, ``P = C // 2``; ``slots``: the budget
+        whose sinks and recent window are protected."""
+        return self._disjoint(pair_costs(*self._selection(pos, score, slots)), need)
+
+    def _disjoint(self, costs: tuple, need: Tensor) -> tuple:
+        """:meth:`_pairs` given ``costs = pair_costs(*self._selection(...))``."""
+        order, _, _, edge = costs
+        C = order.shape[-1]
         joined = disjoint_cheapest(edge, need)  # [B, H, C - 1]
         if not torch.compiler.is_compiling() and bool((joined.sum(-1) < need).any()):
             # The chunk limit (max_chunk) makes this impossible; a token must never be lost.
