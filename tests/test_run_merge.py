@@ -295,7 +295,7 @@ def test_values_and_cardinalities_add_associatively(seed: int, N: int, D: int, r
 def test_merging_equal_logit_slots_is_lossless_under_the_exact_bias(seed, C, Hkv, G, D, r, regime):
     """With ``bias_cap=inf`` attention counts a merged slot ``c`` times at its key's logit, so
     merging slots whose keys give every query the same logit leaves the output unchanged,
-    whatever the weights. (The default ``bias_cap=1`` counts it once: not lossless.)
+    whatever the weights. (A finite cap, the default 5, counts at most that many: not lossless.)
 
     The merge runs in float64: extrapolating weights (up to ``1 / eps``) would cost float32
     the digits this compares.
