@@ -24,10 +24,11 @@ Each step, after attention, the method
    value (a running mean per slot would need one each step, and measured no better). The earlier key
    rotated forward by the position gap (RoPE-correct, post-RoPE storage); cardinalities add
    (no cap) and the value is the members' mean weighted by their statistic (``value=
-   "attention"``, the default: attention counts the slot once, so the mean its members'
-   attention weights stands for their output) or by their tokens (``"cardinality"``: the
-   paper's value sums); the merged slot takes the later position. Where the quadratic is
-   not convex it falls back to the score-weighted mean, and counts it
+   "attention"``, the default: attention counts the slot at most ``bias_cap`` times, not
+   once per token, so the mean its members' attention weights stands for their output) or
+   by their tokens (``"cardinality"``: the paper's value sums); the merged slot takes the
+   later position. Where the quadratic is not convex it falls back to the score-weighted
+   mean, and counts it
    (``LayerCache.merge_stats``). The weights are ``kernels/run_merge.py``'s ``merge_runs``
    on runs of two; the storage combines the rows (``kvslim::merge_rows`` for ``dense``);
 4. puts the new tokens into the freed slots.
